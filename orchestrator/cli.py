@@ -1,0 +1,139 @@
+"""The ``wsss`` command line: one entry point, a subcommand per job.
+
+Heavy imports (torch, Ray, MLflow) happen inside the subcommands so that
+``wsss --help`` and ``wsss validate`` answer quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from training.errors import WsssError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except WsssError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wsss", description="Sweeps of cross-architecture consistency for WSSS of smoke.")
+    sub = p.add_subparsers(title="commands")
+    _add_trial(sub)
+    _add_data(sub)
+    from orchestrator import commands
+
+    commands.add_sweep_commands(sub)
+    return p
+
+
+# ---------------------------------------------------------------- trial
+
+
+def _add_trial(sub) -> None:
+    t = sub.add_parser("trial", help="run one trial locally, without Ray")
+    t.add_argument("config", nargs="?", type=Path, help="trial YAML (omit with --from-sweep)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. transfer.lam=0.5")
+    t.add_argument("--out", type=Path, help="output folder (default: runs/trials/<name>)")
+    t.add_argument("--from-sweep", metavar="NAME", help="rerun a trial of this sweep with its resolved config")
+    t.add_argument("--trial", metavar="ID", help="with --from-sweep: the trial id")
+    t.add_argument("--storage", type=Path, help="with --from-sweep: the sweep's storage folder")
+    t.set_defaults(run=run_trial_command)
+
+
+def run_trial_command(args) -> int:
+    from training.config import load_trial_config
+    from training.trial import run_trial
+
+    if args.from_sweep:
+        from orchestrator.commands import resolve_sweep_trial
+
+        cfg_path, teacher = resolve_sweep_trial(args.from_sweep, args.trial, args.storage)
+        overrides = ([str(args.config)] if args.config else []) + list(args.overrides)
+        cfg = load_trial_config(cfg_path, overrides)
+    elif args.config is None:
+        raise SystemExit("wsss trial: give a trial YAML, or --from-sweep NAME --trial ID")
+    else:
+        cfg, teacher = load_trial_config(args.config, args.overrides), None
+    out = args.out or Path("runs") / "trials" / (f"{args.from_sweep}-{args.trial}" if args.from_sweep else cfg.name)
+    metrics = run_trial(cfg, out, teacher_checkpoint=teacher)
+    print(json.dumps(metrics, indent=1, sort_keys=True))
+    print(f"results in {out.resolve()}")
+    return 0
+
+
+# ---------------------------------------------------------------- data
+
+
+def _add_data(sub) -> None:
+    d = sub.add_parser("data", help="make, check and cut datasets").add_subparsers(title="data commands")
+    s = d.add_parser("synth", help="write the synthetic smoke/chimney benchmark")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--size", type=int)
+    s.add_argument("--n-train", type=int)
+    s.add_argument("--n-test", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--chimney-in-clean", type=float, help="probability a clean image shows a chimney")
+    s.add_argument("--preview", type=Path, help="also save a PNG grid of test images")
+    s.set_defaults(run=run_synth)
+    c = d.add_parser("check", help="read every file of a dataset folder and report problems")
+    c.add_argument("root", type=Path)
+    c.set_defaults(run=run_check)
+    w = d.add_parser("windows", help="cut large test images into windows, keeping those with smoke")
+    w.add_argument("src", type=Path)
+    w.add_argument("--out", type=Path, required=True)
+    w.add_argument("--size", type=int, default=512)
+    w.add_argument("--stride", type=int, default=512)
+    w.add_argument("--min-smoke", type=float, default=0.005, help="smallest smoke fraction kept")
+    w.set_defaults(run=run_windows)
+
+
+def run_synth(args) -> int:
+    import dataclasses
+
+    import cv2
+
+    from training.synth import SynthConfig, generate, preview
+
+    given = {"size": args.size, "n_train": args.n_train, "n_test": args.n_test, "seed": args.seed}
+    given["chimney_in_clean"] = args.chimney_in_clean
+    cfg = dataclasses.replace(SynthConfig(), **{k: v for k, v in given.items() if v is not None})
+    root = generate(cfg, args.out)
+    print(f"synthetic dataset in {root}")
+    if args.preview:
+        cv2.imwrite(str(args.preview), preview(root)[..., ::-1])
+        print(f"preview in {args.preview}")
+    return 0
+
+
+def run_check(args) -> int:
+    from training.data import validate_dataset
+
+    print(json.dumps(validate_dataset(args.root), indent=1, default=str))
+    return 0
+
+
+def run_windows(args) -> int:
+    from training.data import cut_windows
+
+    n = cut_windows(args.src, args.out, size=args.size, stride=args.stride, min_smoke=args.min_smoke)
+    print(f"{n} windows written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

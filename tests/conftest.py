@@ -1,0 +1,83 @@
+"""Shared fixtures: one tiny synthetic dataset per session, tiny trial configs, an isolated cache.
+
+Everything here is sized for a shared 2-core CPU: 48 px images, 48 training and 24 test
+images, a 2-block ViT with 32 channels and a ResNet-10-T.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from training.config import TrialConfig, from_dict
+from training.synth import SynthConfig, generate
+
+TINY_SYNTH = SynthConfig(size=48, n_train=48, n_test=24, seed=3)
+TINY_VIT = {"name": "vit_tiny_patch16_224", "options": {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}}
+TINY_CNN = {"name": "resnet10t", "output_stride": 8}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point every cache at a session folder, keep MLflow quiet, and use one thread."""
+    cache = tmp_path_factory.mktemp("wsss-cache")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WSSS_CACHE", str(cache))
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        torch.set_num_threads(1)
+        yield cache
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def wsss_cache(_isolated_env: Path) -> Path:
+    return Path(os.environ["WSSS_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny synthetic dataset (generated once per session)."""
+    return generate(TINY_SYNTH, tmp_path_factory.mktemp("synth") / "tiny")
+
+
+def tiny_config_dict(root: Path | str = "") -> dict[str, Any]:
+    """Plain-data form of the tiny trial config (what a YAML file would hold)."""
+    return {
+        "name": "tiny",
+        "data": {
+            "source": "synthetic",
+            "root": str(root),
+            "synth": {"size": TINY_SYNTH.size, "n_train": TINY_SYNTH.n_train, "n_test": TINY_SYNTH.n_test, "seed": 3},
+            "image_size": 32,
+        },
+        "model": {"teacher": dict(TINY_CNN), "student": dict(TINY_VIT), "proj_channels": 2},
+        "transfer": {"paradigm": "baseline", "metric": "cosine", "level": "global", "lam": 1.0},
+        "train": {
+            "epochs": 2,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "seed": 7,
+            "device": "cpu",
+            "threads": 1,
+            "teacher_epochs": 1,
+            "teacher_lr": 1e-3,
+        },
+        "cam": {"scales": [1.0, 0.5], "threshold": 0.3, "shard_size": 10, "batch_size": 12, "gallery": 3},
+    }
+
+
+@pytest.fixture(scope="session")
+def make_config(synth_root: Path) -> Callable[..., TrialConfig]:
+    """Factory: ``make_config(**{"transfer.paradigm": "co_training"})`` → a validated tiny TrialConfig."""
+    base = from_dict(TrialConfig, tiny_config_dict(synth_root))
+
+    def make(**overrides: Any) -> TrialConfig:
+        return base.replace(**overrides) if overrides else base
+
+    return make

@@ -1,0 +1,120 @@
+"""Class activation maps: classifier-weight CAM, Grad-CAM, multi-scale, layer fusion.
+
+All functions are batched over images; the only Python loop runs over scales
+(a handful), so extraction stays GPU-friendly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from training.config import CamConfig
+from training.errors import ConfigError
+from training.models import Backbone, pcm_refine
+from training.registry import Registry
+
+CamFn = Callable[[Backbone, torch.Tensor, tuple[int, ...]], torch.Tensor]
+CAM_METHODS: Registry[CamFn] = Registry("CAM method")
+
+
+def normalise(cam: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-image max normalisation of a B×h×w non-negative CAM into [0, 1]."""
+    peak = cam.flatten(1).amax(dim=1).clamp_min(eps)
+    return cam / peak[:, None, None]
+
+
+@CAM_METHODS.register("weight")
+def weight_cam(net: Backbone, images: torch.Tensor, layers: tuple[int, ...] = ()) -> torch.Tensor:
+    """``relu(Σ_c w_c · F_c)`` for the smoke class; with several ``layers``, each
+    block's CAM is normalised, the CAMs averaged and normalised again (layer fusion).
+
+    Args:
+        net: the classifier; its head must be avg pool + linear (see models.py).
+        images: B×3×H×W normalised images.
+        layers: block indices to fuse (ViT), or () for the last feature map.
+    Returns:
+        B×h×w non-negative CAM at feature resolution.
+    """
+    w = net.classifier.weight[0]
+    fmaps = net.block_maps(images, layers) if layers else [net.feature_map(images)]
+    cams = [F.relu(torch.einsum("bchw,c->bhw", f, w.to(f.dtype))) for f in fmaps]
+    if net.pcm:
+        cams = [pcm_refine(c, f) for c, f in zip(cams, fmaps, strict=True)]
+    if len(cams) == 1:
+        return cams[0]
+    return normalise(torch.stack([normalise(c) for c in cams]).mean(dim=0))
+
+
+@CAM_METHODS.register("gradcam")
+def grad_cam(net: Backbone, images: torch.Tensor, layers: tuple[int, ...] = ()) -> torch.Tensor:
+    """Grad-CAM of the smoke logit. ViT: at the last block's first LayerNorm (the
+    thesis's choice); CNN: at the last feature map, where it equals the weight CAM
+    up to scale because the head is linear.
+
+    Returns:
+        B×h×w non-negative CAM.
+    """
+    if layers:
+        raise ConfigError("cam.layers: layer fusion is only implemented for method 'weight'")
+    with torch.enable_grad():
+        if not net.is_vit:
+            fmap = net.feature_map(images).detach().requires_grad_(True)
+            acts, (grads,) = fmap, torch.autograd.grad(net.logits_from(fmap).sum(), fmap)
+        else:
+            acts, grads = _vit_norm1_grads(net, images)
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    return F.relu((weights * acts).sum(dim=1)).detach()
+
+
+def _vit_norm1_grads(net: Backbone, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations and gradients (both B×D×h×w) at ``blocks[-1].norm1``."""
+    from training.models import tokens_to_map
+
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        captured["tokens"] = output
+
+    handle = net.net.blocks[-1].norm1.register_forward_hook(keep)
+    try:
+        logits, _ = net(images.detach().requires_grad_(True))
+        logits.sum().backward()
+    finally:
+        handle.remove()
+        net.zero_grad(set_to_none=True)
+    tokens = captured["tokens"]
+    to_map = lambda t: tokens_to_map(t, net.net.num_prefix_tokens, images.shape[-2:], net.patch)  # noqa: E731
+    return to_map(tokens.detach()), to_map(tokens.grad)
+
+
+def scaled_size(size: int, scale: float, multiple: int) -> int:
+    """Side of a rescaled input, rounded to a multiple of the patch (ViT) size."""
+    return max(multiple, int(round(size * scale / multiple)) * multiple)
+
+
+def multiscale_cams(net: Backbone, images: torch.Tensor, cfg: CamConfig) -> torch.Tensor:
+    """Multi-scale CAM: at each scale the CAM is resized back, normalised to [0,1],
+    and the scales are averaged (the thesis's scales 0.5, 1, 1.5, 2).
+
+    Args:
+        net: the network whose CAMs are wanted, in eval mode.
+        images: B×3×H×W normalised images.
+        cfg: method, scales and fusion layers.
+    Returns:
+        B×H×W float32 CAM in [0, 1].
+    """
+    method = CAM_METHODS.get(cfg.method, field="cam.method")
+    h, w = images.shape[-2:]
+    multiple = net.patch[0] if net.is_vit else 1
+    total = torch.zeros(images.shape[0], h, w, device=images.device)
+    for scale in cfg.scales:
+        size = (scaled_size(h, scale, multiple), scaled_size(w, scale, multiple))
+        x = images if size == (h, w) else F.interpolate(images, size, mode="bilinear", align_corners=False)
+        cam = method(net, x, tuple(cfg.layers)).float()
+        cam = F.interpolate(cam[:, None], (h, w), mode="bilinear", align_corners=False)[:, 0]
+        total += normalise(cam)
+    return total / len(cfg.scales)

@@ -1,0 +1,217 @@
+"""Backbones through ``timm.create_model`` by name, seen the way CAMs need them.
+
+Every network here is a classifier whose logits are ``linear(mean(F))`` over its
+last feature map ``F`` (B×C×h×w). That makes the classifier-weight CAM exact:
+the spatial mean of ``w·F`` plus the bias is the logit. For ViTs this requires
+``global_pool='avg'`` and ``fc_norm=False``, which `build_net` always sets.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.config import NetConfig
+from training.errors import CheckpointError, ConfigError, did_you_mean
+
+NUM_CLASSES = 1  # one smoke logit, trained with BCE on image labels
+
+
+class Backbone(nn.Module):
+    """A timm classifier exposing its last feature map and its linear classifier.
+
+    Args:
+        net: a timm model (ResNet-like with ``forward_features`` → B×C×h×w, or a
+            VisionTransformer built with average pooling).
+        pcm: refine CAMs with the training-free pixel correlation module.
+    """
+
+    def __init__(self, net: nn.Module, *, pcm: bool = False) -> None:
+        super().__init__()
+        self.net = net
+        self.pcm = pcm
+        self.is_vit = hasattr(net, "patch_embed") and hasattr(net, "blocks")
+
+    @property
+    def num_features(self) -> int:
+        return self.classifier.in_features
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.net.get_classifier()
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """B×3×H×W normalised images → B×C×h×w last features (ViT: patch tokens)."""
+        feats = self.net.forward_features(images)
+        if self.is_vit:
+            feats = tokens_to_map(feats, self.net.num_prefix_tokens, images.shape[-2:], self.patch)
+        return feats
+
+    def logits_from(self, fmap: torch.Tensor) -> torch.Tensor:
+        """B×C×h×w → B×K logits, as the timm head computes them (avg pool + linear)."""
+        return self.classifier(fmap.mean(dim=(2, 3)))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (B×K logits, B×C×h×w feature map)."""
+        fmap = self.feature_map(images)
+        return self.logits_from(fmap), fmap
+
+    @property
+    def patch(self) -> tuple[int, int]:
+        return tuple(self.net.patch_embed.patch_size)
+
+    def block_maps(self, images: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
+        """Feature maps of the given blocks (ViT) or stages (CNN), each B×C×h×w.
+
+        ViT blocks get the final LayerNorm so the classifier weights apply to
+        them; CNN stages only match the classifier at the last stage.
+        """
+        if not self.is_vit:
+            if set(layers) - {-1}:
+                raise ConfigError(
+                    f"cam.layers: layer fusion needs a ViT (equal widths per block); got {list(layers)}"
+                )
+            return [self.feature_map(images)]
+        depth = len(self.net.blocks)
+        idx = [i if i >= 0 else depth + i for i in layers]
+        if min(idx) < 0 or max(idx) >= depth:
+            raise ConfigError(f"cam.layers: expected block indices in [-{depth}, {depth - 1}], got {list(layers)}")
+        return self.net.forward_intermediates(
+            images, indices=idx, norm=True, output_fmt="NCHW", intermediates_only=True
+        )
+
+
+def tokens_to_map(
+    tokens: torch.Tensor, num_prefix: int, image_hw: tuple[int, int], patch: tuple[int, int]
+) -> torch.Tensor:
+    """B×(P+N)×D ViT tokens → B×D×h×w, dropping the P prefix (class) tokens."""
+    h, w = image_hw[0] // patch[0], image_hw[1] // patch[1]
+    patches = tokens[:, num_prefix:]
+    if patches.shape[1] != h * w:
+        raise ValueError(f"expected {h}×{w} patch tokens, got {patches.shape[1]}")
+    return patches.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+
+def build_net(cfg: NetConfig, *, image_size: int) -> Backbone:
+    """Create the backbone named in ``cfg`` and load its weights.
+
+    Args:
+        cfg: the network config (timm name, pretrained mode, output stride, options).
+        image_size: training input side; ViT position embeddings are built for it
+            and interpolated on the fly at other sizes (multi-scale CAMs).
+    """
+    if not timm.is_model(cfg.name):
+        raise ConfigError(
+            f"model name {cfg.name!r}: not a timm model{did_you_mean(cfg.name, timm.list_models())}"
+        )
+    kwargs = dict(cfg.options)
+    kwargs["num_classes"] = NUM_CLASSES
+    if _is_vit_name(cfg.name):
+        kwargs.update(global_pool="avg", fc_norm=False, dynamic_img_size=True, img_size=image_size)
+    else:
+        kwargs.setdefault("output_stride", cfg.output_stride)
+    hub = cfg.pretrained.lower() == "true"
+    try:
+        net = timm.create_model(cfg.name, pretrained=hub, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model {cfg.name!r}: bad option in options={cfg.options}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - hub download errors come in many types
+        if not hub:
+            raise
+        raise CheckpointError(
+            f"model {cfg.name!r}: pretrained=true could not load timm's weights ({err}); "
+            "with no network, set pretrained to a local checkpoint file instead"
+        ) from None
+    if cfg.pretrained.lower() not in ("true", "false"):
+        load_weights(net, Path(cfg.pretrained))
+    return Backbone(net, pcm=cfg.pcm)
+
+
+def _is_vit_name(name: str) -> bool:
+    return name.startswith(("vit_", "deit_", "eva", "beit"))
+
+
+def load_weights(net: nn.Module, path: Path) -> None:
+    """Load a local checkpoint (.pth/.pt/.bin with ``weights_only``, or .safetensors).
+
+    Classifier weights of another shape (ImageNet's 1000 classes) are skipped;
+    ViT position embeddings are resampled to the model's grid.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or shares no weight with the model.
+    """
+    state = read_state_dict(path)
+    state = _unwrap(state)
+    if hasattr(net, "patch_embed"):
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state = checkpoint_filter_fn(state, net)
+    own = net.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not fitting:
+        raise CheckpointError(
+            f"{path}: no weight matches model {type(net).__name__}; expected a state dict of this "
+            f"architecture (first keys: {list(state)[:3]})"
+        )
+    net.load_state_dict(fitting, strict=False)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a tensor dict safely: never unpickles arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+
+
+def _unwrap(state: object) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model", "net"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"expected a dict of tensors, got {type(state).__name__}")
+    return {k.removeprefix("module.").removeprefix("net."): v for k, v in state.items() if torch.is_tensor(v)}
+
+
+class Projection(nn.Module):
+    """Learnable 1×1 conv into the shared transfer space (no bias: a bias alone
+    could make both sides equal constants and the loss trivially zero)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        nn.init.normal_(self.conv.weight, std=1.0 / math.sqrt(in_channels))
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.conv(fmap)
+
+
+def pcm_refine(cam: torch.Tensor, fmap: torch.Tensor, *, power: float = 2.0) -> torch.Tensor:
+    """Training-free pixel correlation module (SEAM's PCM without its learned convs).
+
+    Each position's activation becomes the affinity-weighted mean of all positions,
+    the affinity being the ReLU'd cosine similarity of their features.
+
+    Args:
+        cam: B×h×w non-negative CAM.
+        fmap: B×C×h×w features at the CAM's resolution.
+    Returns:
+        B×h×w refined CAM.
+    """
+    b, _, h, w = fmap.shape
+    f = F.normalize(fmap.flatten(2), dim=1)  # B×C×N
+    aff = F.relu(f.transpose(1, 2) @ f).pow(power)  # B×N×N
+    aff = aff / (aff.sum(dim=1, keepdim=True) + 1e-5)
+    return (cam.reshape(b, 1, h * w) @ aff).reshape(b, h, w)

@@ -1,0 +1,181 @@
+"""One trial, without Ray: train, checkpoint, extract CAMs, score, write results.
+
+`run_trial` is the single code path behind both ``wsss trial`` and every Ray
+Tune trial: the orchestrator only adds a per-epoch callback (to report and
+checkpoint) and a resume directory, so a sweep's trial can be rerun locally
+with its resolved config and give the same metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from training.config import DataConfig, TrialConfig, save_config
+from training.data import TestDataset, TrainDataset, scan_test, scan_train
+from training.errors import DataError
+from training.evaluate import EvalSet, extract_cams, quick_eval, save_gallery, score
+from training.loop import (
+    configure_threads,
+    epoch_loader,
+    load_state,
+    make_optimizer,
+    pick_device,
+    save_state,
+    seed_everything,
+    train_epoch,
+)
+from training.paradigms import Paradigm, build_paradigm, save_net_checkpoint
+from training.shards import atomic_path, atomic_write_text, write_shards
+from training.synth import generate
+from training.tracker import ConsoleTracker, Tracker
+
+EpochCallback = Callable[[dict[str, float], Path], None]
+
+
+def cache_root() -> Path:
+    """Where synthetic datasets and trained teachers are cached (``$WSSS_CACHE``)."""
+    return Path(os.environ.get("WSSS_CACHE") or Path.home() / ".cache" / "wsss-sweeps").resolve()
+
+
+def prepare_data(cfg: DataConfig, cache: Path | None = None) -> Path:
+    """The dataset folder for ``cfg``: a real folder, or a generated synthetic one
+    (deterministic for its config, so every node and rerun gets the same data)."""
+    if cfg.source == "folder":
+        root = Path(cfg.root).expanduser().resolve()
+        if not root.is_dir():
+            raise DataError(f"data.root: {root} is not a folder; expected train/ and test/ inside")
+        return root
+    from training.config import TrialConfig as _T  # digest helper lives on the trial config
+
+    key = _T(data=cfg).digest("data.synth")
+    root = Path(cfg.root).expanduser().resolve() if cfg.root else (cache or cache_root()) / "synth" / key
+    return generate(cfg.synth, root)
+
+
+def load_splits(cfg: DataConfig, root: Path) -> tuple[TrainDataset, EvalSet]:
+    train = TrainDataset(scan_train(root), image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, augment=cfg.augment)
+    test = TestDataset(scan_test(root), image_size=cfg.image_size, mean=cfg.mean, std=cfg.std)
+    return train, EvalSet.load(test)
+
+
+# ---------------------------------------------------------------- the teacher
+
+
+def teacher_config(cfg: TrialConfig) -> TrialConfig:
+    """The baseline-CNN trial that produces the frozen teacher of ``cfg``."""
+    return cfg.replace(
+        **{
+            "name": "teacher",
+            "transfer.paradigm": "baseline",
+            "transfer.baseline_network": "teacher",
+            "transfer.teacher_checkpoint": "",
+            "train.epochs": cfg.train.teacher_epochs,
+            "train.lr": cfg.train.teacher_lr,
+        }
+    )
+
+
+def teacher_key(cfg: TrialConfig) -> str:
+    """Hash of what determines the teacher's weights (not device or thread count)."""
+    t = teacher_config(cfg)
+    return t.replace(**{"train.device": "auto", "train.threads": 0}).digest("data", "model.teacher", "train")
+
+
+def ensure_teacher(cfg: TrialConfig, cache: Path | None = None, *, tracker: Tracker | None = None) -> Path:
+    """Train the teacher of ``cfg`` unless a cached one exists; returns its checkpoint.
+
+    Cached by `teacher_key`, so reruns and other sweeps with the same teacher
+    config reuse it. The write is atomic: concurrent callers never read half a file.
+    """
+    folder = (cache or cache_root()) / "teachers"
+    path = folder / f"teacher-{teacher_key(cfg)}.pt"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    tcfg = teacher_config(cfg)
+    run_dir = folder / f"teacher-{teacher_key(cfg)}"
+    run_trial(tcfg, run_dir, tracker=tracker or ConsoleTracker(run_dir), cache=cache)
+    model = _rebuild_from_state(tcfg, run_dir)
+    with atomic_path(path) as tmp:
+        save_net_checkpoint(model.cam_net, tmp, meta={"config": json.dumps(tcfg.to_dict())})
+    return path
+
+
+def _rebuild_from_state(cfg: TrialConfig, run_dir: Path) -> Paradigm:
+    model = build_paradigm(cfg)
+    state = torch.load(run_dir / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return model
+
+
+# ---------------------------------------------------------------- the trial
+
+
+def run_trial(
+    cfg: TrialConfig,
+    out_dir: Path,
+    *,
+    tracker: Tracker | None = None,
+    on_epoch: EpochCallback | None = None,
+    resume_from: Path | None = None,
+    cache: Path | None = None,
+    teacher_checkpoint: str | None = None,
+) -> dict[str, float]:
+    """Train and evaluate one trial; write ``config.yaml``, ``metrics.json``,
+    ``checkpoint/``, ``cams/`` and ``gallery/`` into ``out_dir``.
+
+    Args:
+        cfg: the resolved trial config.
+        out_dir: output folder (created).
+        tracker: where params/metrics/artifacts go (default: console + events.jsonl).
+        on_epoch: called after each epoch with its metrics and checkpoint folder.
+        resume_from: a checkpoint folder written by an earlier run of this trial.
+        cache: cache folder for synthetic data and teachers (default `cache_root()`).
+        teacher_checkpoint: overrides ``cfg.transfer.teacher_checkpoint``.
+    Returns:
+        The final metrics (also in ``metrics.json``).
+    """
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tracker = tracker or ConsoleTracker(out)
+    save_config(cfg, out / "config.yaml")
+    tracker.log_params(cfg.to_dict())
+    configure_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    train_ds, evalset = load_splits(cfg.data, prepare_data(cfg.data, cache))
+    if cfg.transfer.paradigm == "teacher_student":
+        teacher_checkpoint = str(teacher_checkpoint or cfg.transfer.teacher_checkpoint or ensure_teacher(cfg, cache))
+    seed_everything(cfg.train.seed)  # same initial weights whether or not a teacher was just trained
+    model = build_paradigm(cfg, teacher_checkpoint).to(device)
+    first = epoch_loader(train_ds, cfg.train, 0)
+    opt, sched = make_optimizer(model, cfg.train, len(first))
+    done = load_state(resume_from, model, opt, sched) if resume_from else 0
+    for epoch in range(done, cfg.train.epochs):
+        loader = epoch_loader(train_ds, cfg.train, epoch)
+        metrics = train_epoch(model, loader, opt, sched, cfg.train, device, epoch=epoch)
+        metrics |= quick_eval(model.cam_net, evalset, device, batch_size=cfg.cam.batch_size, threshold=cfg.cam.threshold)
+        metrics["epoch"] = epoch + 1
+        ckpt = save_state(out / "checkpoint", model, opt, sched, epoch + 1)
+        tracker.log_metrics(metrics, step=epoch + 1)
+        if on_epoch is not None:
+            on_epoch(metrics, ckpt)
+    return finish_trial(model, cfg, evalset, out, device, tracker)
+
+
+def finish_trial(model: Paradigm, cfg: TrialConfig, evalset: EvalSet, out: Path, device, tracker: Tracker) -> dict[str, float]:
+    """Extract CAMs, write shards and gallery, score, and record the metrics."""
+    camset = extract_cams(model.cam_net, evalset, cfg.cam, device)
+    write_shards(out / "cams", camset.ids, camset.cams, camset.logits, camset.labels, shard_size=cfg.cam.shard_size)
+    metrics = score(camset, evalset, cfg.cam.threshold)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))
+    tracker.log_metrics(metrics, step=cfg.train.epochs)
+    for path in save_gallery(camset, evalset, out / "gallery", cfg.cam.gallery):
+        tracker.log_artifact(path, "gallery")
+    tracker.log_artifact(out / "config.yaml", None)
+    tracker.log_artifact(out / "metrics.json", None)
+    return metrics
