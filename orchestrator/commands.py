@@ -1,7 +1,139 @@
-"""Sweep-level subcommands (validate, sweep, tables, refine, ui)."""
+"""Sweep-level subcommands: validate, sweep, tables, ui."""
 
 from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections import Counter
+from pathlib import Path
+
+from training.errors import ConfigError
 
 
 def add_sweep_commands(sub) -> None:
     """Register the sweep subcommands on the ``wsss`` parser."""
+    v = sub.add_parser("validate", help="check a search space and count its trials, without Ray")
+    v.add_argument("space", type=Path)
+    v.add_argument("overrides", nargs="*", help="key=value overrides of the base trial config")
+    v.add_argument("--list", action="store_true", help="also list every trial")
+    v.set_defaults(run=run_validate)
+
+    s = sub.add_parser("sweep", help="run a search space under Ray Tune, tracked in MLflow")
+    s.add_argument("space", type=Path)
+    s.add_argument("overrides", nargs="*", help="key=value overrides of the base trial config")
+    s.add_argument("--name", help="sweep name (default: the file's `name`)")
+    s.add_argument("--storage", type=Path, default=Path("runs"), help="folder for sweep outputs (default: ./runs)")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
+    s.add_argument("--address", help="an existing Ray cluster: auto or host:port (default: start a local Ray)")
+    s.add_argument("--storage-is-shared", action="store_true", help="--storage is mounted on every node (NFS)")
+    s.add_argument("--resume", action="store_true", help="require an existing sweep of this name to resume")
+    s.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    s.set_defaults(run=run_sweep_command)
+
+    t = sub.add_parser("tables", help="print a sweep's tables from MLflow")
+    t.add_argument("name")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
+    t.set_defaults(run=run_tables)
+
+    u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for this folder's store")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--tracking-uri", help="backend store (default: sqlite:///<cwd>/mlflow.db)")
+    u.set_defaults(run=run_ui)
+
+
+def _tracking_uri(given: str | None) -> str:
+    from orchestrator.tracking import default_tracking_uri
+
+    return given or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path.cwd())
+
+
+def run_validate(args) -> int:
+    from orchestrator.space import expand, load_space
+
+    space = load_space(args.space, args.overrides)
+    trials = expand(space)
+    arms = Counter(t.config.transfer.paradigm for t in trials)
+    print(f"{args.space}: valid; sweep {space.name!r} expands to {len(trials)} trials")
+    print("  by paradigm: " + ", ".join(f"{k} {v}" for k, v in sorted(arms.items())))
+    r = space.resources
+    print(f"  per trial: cpu={r.cpu:g} gpu={r.gpu:g}; max concurrent: {space.max_concurrent or 'unlimited'}")
+    print(f"  tables: {', '.join(t.name for t in space.tables) or 'none'}")
+    if space.refine:
+        from orchestrator.refine import expand_refine_grid
+
+        print(f"  refinement pipelines: {len(expand_refine_grid(space.refine))}")
+    if args.list:
+        for t in trials:
+            print(f"  {t.id}: {t.run_name}")
+    return 0
+
+
+def run_sweep_command(args) -> int:
+    from orchestrator.launch import print_outcome, require_space_match, run_sweep
+    from orchestrator.space import load_space
+    from orchestrator.sweep import sweep_root
+
+    space = load_space(args.space, args.overrides)
+    name = args.name or space.name
+    if args.resume:
+        require_space_match(sweep_root(args.storage, name))
+    outcome = run_sweep(
+        space,
+        name=name,
+        storage=args.storage,
+        tracking_uri=_tracking_uri(args.tracking_uri),
+        address=args.address,
+        storage_is_shared=args.storage_is_shared,
+        num_cpus=args.num_cpus,
+    )
+    print_outcome(outcome, command=shlex.join(["wsss", *sys.argv[1:]]) if sys.argv[1:] else "wsss sweep ...")
+    if outcome.complete:
+        print("\nbrowse every run:  wsss ui   (then open http://127.0.0.1:5000)")
+    return 0 if outcome.complete else 3
+
+
+def run_tables(args) -> int:
+    from orchestrator.tables import read_tables
+
+    tables = read_tables(_tracking_uri(args.tracking_uri), args.name)
+    if not tables:
+        raise ConfigError(f"sweep {args.name!r}: no tables logged yet (has any trial finished?)")
+    for title, text in tables.items():
+        print(f"## {title}\n\n{text}\n")
+    return 0
+
+
+def run_ui(args) -> int:
+    """Replace this process with ``mlflow ui`` bound to loopback."""
+    uri = _tracking_uri(args.tracking_uri)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    argv = [str(mlflow), "ui", "--host", "127.0.0.1", "--port", str(args.port), "--backend-store-uri", uri]
+    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    os.execv(argv[0], argv)
+    return 0
+
+
+def resolve_sweep_trial(name: str, trial_id: str | None, storage: Path | None) -> tuple[Path, str | None]:
+    """The resolved config of one trial of a sweep, written to a YAML file to rerun.
+
+    Returns:
+        (config path, teacher checkpoint or None).
+    """
+    import json
+
+    import yaml
+
+    from orchestrator.sweep import load_trials, sweep_root
+
+    root = sweep_root(storage or Path("runs"), name)
+    trials = load_trials(root)
+    if trial_id not in trials:
+        from training.errors import did_you_mean
+
+        raise ConfigError(f"--trial {trial_id!r}: not in sweep {name}{did_you_mean(trial_id or '', trials)}; "
+                          f"trials: {', '.join(trials)}")
+    out = root / "reruns" / f"{trial_id}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(json.loads(json.dumps(trials[trial_id]["config"])), sort_keys=False))
+    return out, trials[trial_id]["config"]["transfer"]["teacher_checkpoint"] or None

@@ -1,7 +1,7 @@
 """Shared fixtures: one tiny synthetic dataset per session, tiny trial configs, an isolated cache.
 
 Everything here is sized for a shared 2-core CPU: 48 px images, 48 training and 24 test
-images, a 2-block ViT with 32 channels and a ResNet-10-T.
+images, a 2-block ViT with 32 channels and a ResNet-10-T with 8–64 channels.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from training.synth import SynthConfig, generate
 
 TINY_SYNTH = SynthConfig(size=48, n_train=48, n_test=24, seed=3)
 TINY_VIT = {"name": "vit_tiny_patch16_224", "options": {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}}
-TINY_CNN = {"name": "resnet10t", "output_stride": 8}
+TINY_CNN = {"name": "resnet10t", "output_stride": 8, "options": {"channels": [8, 16, 32, 64], "stem_width": 8}}
 
 
 @pytest.fixture(scope="session", autouse=True)

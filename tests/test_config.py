@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import tiny_config_dict
+
 from training.config import (
     TrialConfig,
     apply_overrides,
@@ -145,7 +145,10 @@ def test_unknown_paradigm_lists_valid_ones() -> None:
         (["cam.scales=[1.0, 2]"], {"cam.scales": [1.0, 2]}),
         (["name=run 1", "train.seed=3"], {"name": "run 1", "train.seed": 3}),
         (["model.student.options={depth: 2, patch_size: 8}"], {"model.student.options": {"depth": 2, "patch_size": 8}}),
-        (["data.augment=true", "transfer.teacher_checkpoint="], {"data.augment": True, "transfer.teacher_checkpoint": ""}),
+        (
+            ["data.augment=true", "transfer.teacher_checkpoint="],
+            {"data.augment": True, "transfer.teacher_checkpoint": ""},
+        ),
         (["train.lr=1e-3"], {"train.lr": "1e-3"}),  # YAML 1.1: no dot → a string; from_dict converts it
     ],
 )
@@ -163,7 +166,13 @@ def test_overrides_applied_when_loading(tmp_path: Path) -> None:
     path = _write(tmp_path, tiny_config_dict())
     cfg = load_trial_config(
         path,
-        ["transfer.lam=0.3", "cam.scales=[0.5, 1.5]", "model.student.options.depth=1", "cam.layers=-1", "train.lr=0.01"],
+        [
+            "transfer.lam=0.3",
+            "cam.scales=[0.5, 1.5]",
+            "model.student.options.depth=1",
+            "cam.layers=-1",
+            "train.lr=0.01",
+        ],
     )
     assert cfg.transfer.lam == 0.3
     assert cfg.cam.scales == (0.5, 1.5)

@@ -101,6 +101,9 @@ def train_epoch(
     Raises:
         TrainingDiverged: a loss became NaN or infinite (names epoch and step).
     """
+    # Augmentation flips (and any dropout) draw from the global generators: reseed them per
+    # epoch so a run resumed at epoch e draws what an uninterrupted run would.
+    seed_everything(cfg.seed * 1000 + epoch)
     model.train()
     sums: dict[str, float] = {}
     n = 0

@@ -162,10 +162,16 @@ def load_own_checkpoint(net: Backbone, path) -> None:
     state = read_state_dict(path)
     if not (isinstance(state, dict) and state.get("format") == "wsss-net"):
         raise CheckpointError(f"{path}: not a wsss-sweeps network checkpoint (expected format 'wsss-net')")
-    missing, unexpected = net.net.load_state_dict(state["state_dict"], strict=False)
-    if missing or unexpected:
+    weights, own = state["state_dict"], net.net.state_dict()
+    # load_state_dict raises a bare RuntimeError on shape mismatches even with strict=False
+    reshaped = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected or reshaped:
         raise CheckpointError(
             f"{path}: weights do not fit the configured teacher (missing {len(missing)}, e.g. "
-            f"{missing[:2]}; unexpected {len(unexpected)}, e.g. {unexpected[:2]}); "
+            f"{missing[:2]}; unexpected {len(unexpected)}, e.g. {unexpected[:2]}; other shape "
+            f"{len(reshaped)}, e.g. {reshaped[:2]}); "
             "check model.teacher matches the config the checkpoint was trained with"
         )
+    net.net.load_state_dict(weights)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,7 @@ def read_shard(path: Path, *, verify: bool = True) -> CamShard:
         with np.load(path, allow_pickle=False) as z:
             shapes, flat = z["shapes"], z["cams"]
             ids, logits, labels = [str(i) for i in z["ids"]], z["logits"], z["labels"]
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(f"{path}: cannot read CAM shard ({err})") from None
     ends = np.cumsum([h * w for h, w in shapes])
     starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)

@@ -1,0 +1,232 @@
+"""Run a search space under Ray Tune, every trial tracked in MLflow.
+
+Layout of a sweep's storage folder ``<storage>/<name>/``:
+
+- ``space.yaml``: the sweep file as given; ``trials.json``: the expanded trials
+  with their resolved configs (what ``wsss trial --from-sweep`` reruns);
+- ``trials/<id>/``: each trial's outputs (config, metrics, checkpoint, CAM shards);
+- ``teachers/``: frozen teachers used by teacher_student trials;
+- ``tune/``: Ray Tune's own experiment state (restored on rerun);
+- ``done.json``: written when every trial has finished.
+
+The driver prepares what trials share (data, teachers, the MLflow parent and
+child runs) before any trial starts, so trials never race to create them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.space import SearchSpace, TrialSpec, arm, expand
+from orchestrator.tracking import SweepTracking, check_reachable, flatten
+from training.config import TrialConfig, from_dict
+from training.errors import ConfigError, TrainingDiverged
+from training.shards import atomic_write_text
+from training.trial import cache_root, ensure_teacher, prepare_data, run_trial
+
+EXPERIMENT = "wsss-sweeps"
+DIVERGED = "diverged.json"
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial needs from the driver (pickled into Ray workers)."""
+
+    root: str  # absolute sweep folder
+    tracking: SweepTracking
+    run_ids: dict[str, str]  # trial id → MLflow child run id
+    cache: str  # synthetic data + teacher cache
+
+    def trial_dir(self, trial_id: str) -> Path:
+        return Path(self.root) / "trials" / trial_id
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    root: Path
+    total: int
+    finished: list[str]
+    failed: list[str]
+    tables: dict[str, str]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.finished) == self.total
+
+
+# ---------------------------------------------------------------- the trainable
+
+
+def sweep_trainable(config: dict[str, Any], context: SweepContext) -> None:
+    """One Tune trial: the same `run_trial` as ``wsss trial``, plus reporting."""
+    from ray import tune
+
+    spec = config["trial"]
+    trial_id = spec["trial_id"]
+    cfg = from_dict(TrialConfig, spec["config"])
+    out = context.trial_dir(trial_id)
+    _refuse_if_diverged(out)
+    run_id = context.tracking.child_run(trial_id, run_name=spec["run_name"], params=cfg.to_dict())
+    tracker = context.tracking.tracker(run_id)
+    checkpoint = tune.get_checkpoint()
+    resume = Path(checkpoint.to_directory()) if checkpoint else None
+    last: dict[str, float] = {}
+
+    def report(metrics: dict[str, float], ckpt_dir: Path) -> None:
+        last.update(metrics)
+        tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+
+    try:
+        final = run_trial(cfg, out, tracker=tracker, on_epoch=report, resume_from=resume, cache=Path(context.cache))
+    except TrainingDiverged as err:
+        atomic_write_text(out / DIVERGED, json.dumps({"reason": str(err)}))
+        tracker.set_tags({"wsss.failure": str(err)[:5000]})
+        context.tracking.finish(run_id, "FAILED")
+        raise
+    except BaseException as err:
+        tracker.set_tags({"wsss.failure": f"{type(err).__name__}: {err}"[:5000]})
+        context.tracking.finish(run_id, "FAILED")
+        raise
+    tune.report(last | final)
+    context.tracking.finish(run_id, "FINISHED")
+
+
+def _refuse_if_diverged(out: Path) -> None:
+    """A diverged trial is deterministic: retrying it would only diverge again."""
+    marker = out / DIVERGED
+    if marker.is_file():
+        raise TrainingDiverged(json.loads(marker.read_text())["reason"] + " (not retried: deterministic)")
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def sweep_root(storage: Path, name: str) -> Path:
+    return (Path(storage) / name).resolve()
+
+
+def prepare(space: SearchSpace, name: str, storage: Path, tracking_uri: str) -> tuple[list[TrialSpec], SweepContext]:
+    """Expand, record and set up a sweep (data, teachers, MLflow runs) in the driver."""
+    check_reachable(tracking_uri)
+    root = sweep_root(storage, name)
+    trials = expand(space)
+    _record(root, space, trials)
+    cache = cache_root()
+    trials = _with_teachers(trials, root, cache)
+    for cfg in {t.config.data for t in trials}:
+        prepare_data(cfg, cache)
+    description = space.description or f"Sweep `{name}` from {space.source.name}: {len(trials)} trials."
+    tracking = SweepTracking.open(tracking_uri, EXPERIMENT, name, space=space.raw, description=description)
+    finished = set(status(root)[0])
+    run_ids = {t.id: _child(tracking, t, finished) for t in trials}
+    return trials, SweepContext(str(root), tracking, run_ids, str(cache))
+
+
+def _child(tracking: SweepTracking, t: TrialSpec, finished: set[str]) -> str:
+    """The trial's MLflow run; created now (not by racing trials), and a finished
+    trial's run is only looked up, never reopened."""
+    found = tracking.find_child(t.id) if t.id in finished else None
+    if found is not None:
+        return found.info.run_id
+    return tracking.child_run(t.id, run_name=t.run_name, params=t.config.to_dict())
+
+
+def _record(root: Path, space: SearchSpace, trials: list[TrialSpec]) -> None:
+    """Write space.yaml and trials.json; refuse to reuse a name for another space."""
+    root.mkdir(parents=True, exist_ok=True)
+    listing = {t.id: {"overrides": t.overrides, "config": t.config.to_dict(), "run_name": t.run_name} for t in trials}
+    path = root / "trials.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if {k: v["overrides"] for k, v in old.items()} != {k: v["overrides"] for k, v in listing.items()}:
+            raise ConfigError(
+                f"sweep folder {root} holds another search space; choose another --name or remove the folder"
+            )
+        return
+    shutil.copyfile(space.source, root / "space.yaml")
+    atomic_write_text(path, json.dumps(listing, indent=1))
+
+
+def _with_teachers(trials: list[TrialSpec], root: Path, cache: Path) -> list[TrialSpec]:
+    """Train (or reuse) each distinct teacher once, copy it into the sweep folder
+    (shared storage on a cluster) and pin its path in the trials' configs."""
+    out = []
+    for t in trials:
+        cfg = t.config
+        if cfg.transfer.paradigm == "teacher_student" and not cfg.transfer.teacher_checkpoint:
+            cached = ensure_teacher(cfg, cache)
+            pinned = root / "teachers" / cached.name
+            if not pinned.is_file():
+                pinned.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(cached, pinned)
+            cfg = cfg.replace(**{"transfer.teacher_checkpoint": str(pinned)})
+        out.append(TrialSpec(t.id, t.overrides, cfg))
+    _rewrite_configs(root, out)
+    return out
+
+
+def _rewrite_configs(root: Path, trials: list[TrialSpec]) -> None:
+    listing = json.loads((root / "trials.json").read_text())
+    for t in trials:
+        listing[t.id]["config"] = t.config.to_dict()
+    atomic_write_text(root / "trials.json", json.dumps(listing, indent=1))
+
+
+def load_trials(root: Path) -> dict[str, dict[str, Any]]:
+    """The recorded trials of a sweep folder (id → overrides, config, run_name)."""
+    path = Path(root) / "trials.json"
+    if not path.is_file():
+        raise ConfigError(f"{root}: not a sweep folder (no trials.json); expected <storage>/<name>")
+    return json.loads(path.read_text())
+
+
+def result_rows(root: Path) -> list[dict[str, Any]]:
+    """One flat row per finished trial: resolved config keys + metrics + labels."""
+    rows = []
+    for trial_id, rec in load_trials(root).items():
+        metrics_file = Path(root) / "trials" / trial_id / "metrics.json"
+        if not metrics_file.is_file():
+            continue
+        cfg = from_dict(TrialConfig, rec["config"])
+        row: dict[str, Any] = {k: _number_or_text(v) for k, v in flatten(rec["config"]).items()}
+        row |= {"trial_id": trial_id, "run_name": rec["run_name"], "arm": arm(cfg)}
+        row |= json.loads(metrics_file.read_text())
+        rows.append(row)
+    return rows
+
+
+def _number_or_text(value: str) -> Any:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def status(root: Path) -> tuple[list[str], list[str], int]:
+    """(finished ids, failed ids, total) from what is on disk."""
+    trials = load_trials(root)
+    finished = [t for t in trials if (Path(root) / "trials" / t / "metrics.json").is_file()]
+    failed = [t for t in trials if t not in finished and (Path(root) / "trials" / t / DIVERGED).is_file()]
+    return finished, failed, len(trials)
+
+
+def publish_tables(space: SearchSpace, root: Path, tracking: SweepTracking) -> dict[str, str]:
+    """Build every table and plot from finished trials and log them on the parent run."""
+    from orchestrator.tables import log_tables
+
+    rows = result_rows(root)
+    return log_tables(tracking, rows, list(space.tables)) if rows else {}
+
+
+def mark_done(root: Path, outcome: SweepOutcome) -> None:
+    atomic_write_text(root / "done.json", json.dumps({"finished": outcome.finished, "total": outcome.total}))
+
+
+def os_cpu_count() -> int:
+    return os.cpu_count() or 1
