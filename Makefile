@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/wsss trial search_spaces/trials/quick.yaml --out runs/trials/demo
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/wsss sweep search_spaces/quick.yaml
 
 test: $(STAMP)
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -p no:cacheprovider

@@ -77,7 +77,7 @@ def time_fanout(units: list, actors: int) -> dict[str, float]:
         ray.shutdown()
     if [r.counter for r in fanned] != [r.counter for r in reference]:
         raise SystemExit("fan-out and plain loop disagree: counts differ")
-    return {"loop": loop, "init": init, "fan": fan}
+    return {"loop": loop, "init": init, "fan": fan, "busy": sum(r.seconds for r in fanned)}
 
 
 def bare_crf(image: np.ndarray, cam: np.ndarray, *, iters: int, scale: float = 12.0) -> np.ndarray:
@@ -95,7 +95,7 @@ def bare_crf(image: np.ndarray, cam: np.ndarray, *, iters: int, scale: float = 1
     return np.asarray(crf.inference(iters)).reshape(2, h, w).argmax(axis=0) == 1
 
 
-def time_crf(trial: Path, *, iters: int, rounds: int, images: int) -> dict[str, float]:
+def time_crf(trial: Path, *, iters: int, rounds: int, n_images: int) -> dict[str, float]:
     """Median per-image seconds of crf_refine and of the bare call, alternated image by image."""
     from orchestrator.refine import data_root
     from postproc.crf import crf_refine
@@ -106,7 +106,7 @@ def time_crf(trial: Path, *, iters: int, rounds: int, images: int) -> dict[str, 
     images = {i.id: read_image(i.image) for i in scan_test(data_root(trial))}
     ours, bare = [], []
     for n in range(rounds):
-        for image_id, cam in list(zip(shard.ids, shard.cams, strict=True))[:images]:
+        for image_id, cam in list(zip(shard.ids, shard.cams, strict=True))[:n_images]:
             image = np.ascontiguousarray(images[image_id])
             calls = [(ours, crf_refine), (bare, bare_crf)]
             masks = []
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         import training.data  # noqa: F401  (torch) imported before timing, as in a sweep's driver
 
         fan = time_fanout(units, args.actors)
-        crf = time_crf(trial, iters=args.iters, rounds=args.rounds, images=args.crf_images)
+        crf = time_crf(trial, iters=args.iters, rounds=args.rounds, n_images=args.crf_images)
     n = args.images
     print(f"{n} images {args.size}², {len(units)} shards, CRF {args.iters} iterations, {args.actors} actors, "
           f"{os.cpu_count()} cores, load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     total, init = fan["init"] + fan["fan"], fan["init"]
     print(f"| Ray fan-out incl. ray.init ({init:.2f} s) | {total:.2f} | {n / total:.2f} | {fan['loop'] / total:.2f} |")
     overhead = crf["ours"] / crf["bare"] - 1
+    print(f"actors busy {fan['busy']:.2f} s in all (units' own time): start-up and dispatch ≈ "
+          f"{fan['fan'] - fan['busy'] / args.actors:.2f} s of the fan-out")
     timed = min(n, args.crf_images)
     print(f"\nCRF per image (median of {args.rounds}×{timed}): crf_refine {crf['ours'] * 1000:.0f} ms, "
           f"bare pydensecrf {crf['bare'] * 1000:.0f} ms, overhead {overhead:+.1%}")

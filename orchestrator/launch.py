@@ -135,7 +135,17 @@ def _tune_config(space: SearchSpace):
             time_attr="epoch", metric=s.metric, mode=s.mode, grace_period=s.grace_period,
             reduction_factor=s.reduction_factor, max_t=10_000,
         )  # fmt: skip
-    return tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=space.max_concurrent or None)
+    return tune.TuneConfig(
+        scheduler=scheduler,
+        max_concurrent_trials=space.max_concurrent or None,
+        trial_name_creator=_trial_id,
+        trial_dirname_creator=_trial_id,
+    )
+
+
+def _trial_id(trial) -> str:
+    """Ray's names for a trial are ours, so its folders and logs read like the sweep."""
+    return trial.config["trial"]["trial_id"]
 
 
 def _run_config(space: SearchSpace, root: Path):
@@ -150,8 +160,9 @@ def _run_config(space: SearchSpace, root: Path):
     )
 
 
-def print_outcome(outcome: sw.SweepOutcome, *, command: str, stream=sys.stdout) -> None:
+def print_outcome(outcome: sw.SweepOutcome, *, command: str, stream=None) -> None:
     """The tables, then whether the sweep is complete and what to run next."""
+    stream = stream or sys.stdout
     for title, text in outcome.tables.items():
         print(f"\n## {title}\n\n{text}", file=stream)
     done = len(outcome.finished)

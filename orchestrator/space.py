@@ -141,8 +141,7 @@ def _build(raw: dict[str, Any], path: Path, extra: dict[str, Any]) -> SearchSpac
     from_dict(TrialConfig, base)  # fail early on a bad base, before expanding
     grid = _mapping(raw, "grid")
     for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
+        _check_axis(key, values)
     sample = _mapping(raw, "sample")
     for key, spec in sample.items():
         _check_sampler(key, spec)
@@ -188,6 +187,23 @@ def _mapping(raw: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
+def _check_axis(key: str, values: Any) -> None:
+    """A grid axis: a list of values, or for a zipped axis ``"a.b,c.d"`` a list of
+    equally long lists (e.g. the thesis's metric × level pairs)."""
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
+    width = len(key.split(","))
+    if width > 1:
+        for v in values:
+            if not isinstance(v, list) or len(v) != width:
+                raise ConfigError(f"grid.{key}: expected each value to be a list of {width} items, got {v!r}")
+
+
+def _axis_points(key: str, value: Any) -> dict[str, Any]:
+    keys = key.split(",")
+    return dict(zip(keys, value, strict=True)) if len(keys) > 1 else {key: value}
+
+
 def _check_sampler(key: str, spec: Any) -> None:
     if not (isinstance(spec, dict) and len(spec) == 1):
         raise ConfigError(f"sample.{key}: expected one sampler, e.g. {{loguniform: [0.1, 2.0]}}, got {spec!r}")
@@ -223,7 +239,8 @@ def expand(space: SearchSpace) -> list[TrialSpec]:
     for values in itertools.product(*(space.grid[k] for k in keys)):
         for _ in range(space.num_samples):
             drawn = {k: SAMPLERS.get(name)(rng, args) for k, spec in space.sample.items() for name, args in spec.items()}
-            points.append(dict(zip(keys, values, strict=True)) | drawn)
+            fixed = {k: v for key, value in zip(keys, values, strict=True) for k, v in _axis_points(key, value).items()}
+            points.append(fixed | drawn)
     points.extend(dict(i) for i in space.include)
     return _resolve(space, points)
 
@@ -239,7 +256,7 @@ def _resolve(space: SearchSpace, points: list[dict[str, Any]]) -> list[TrialSpec
         try:
             cfg = from_dict(TrialConfig, data)
         except ConfigError as err:
-            raise ConfigError(f"trial with {overrides}: {err}") from None
+            raise ConfigError(f"{space.source}: trial with {overrides}: {err}") from None
         if cfg.digest() in seen:
             continue
         seen.add(cfg.digest())

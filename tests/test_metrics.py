@@ -21,6 +21,7 @@ from training.metrics import (
     miou,
     miou_per_image,
     oracle_miou,
+    subset_accuracy,
     threshold_counts,
 )
 
@@ -327,3 +328,26 @@ def test_inputs_not_mutated() -> None:
     for after, original in zip((cams, gts, contexts, logits, labels), before):
         for a, o in zip(after, original):
             assert (a is None and o is None) or np.array_equal(a, o)
+
+
+@pytest.mark.parametrize(
+    ("logits", "labels", "subsets", "expected"),
+    [
+        # coupled: 2 of 2 right; decoupled: smoke missed, clean right → 1/2
+        ([2.0, -1.0, -0.5, -3.0], [1, 0, 1, 0], ["coupled", "coupled", "decoupled", "decoupled"],
+         {"accuracy_coupled": 1.0, "accuracy_decoupled": 0.5}),
+        # one subset only; logit exactly 0 counts as "no smoke"
+        ([0.0, 1.0, 1.0], [1, 1, 0], ["coupled"] * 3, {"accuracy_coupled": 1 / 3}),
+        # N×1 logits, bool labels, names sorted in the result
+        ([[1.0], [1.0]], [True, False], ["b", "a"], {"accuracy_a": 0.0, "accuracy_b": 1.0}),
+    ],
+)
+def test_subset_accuracy(logits, labels, subsets, expected) -> None:
+    got = subset_accuracy(logits, labels, subsets)
+    assert list(got) == sorted(expected)
+    assert got == pytest.approx(expected)
+
+
+def test_subset_accuracy_rejects_unpaired_lists() -> None:
+    with pytest.raises(ValueError, match="pair up"):
+        subset_accuracy([1.0, 2.0], [1, 1], ["coupled"])

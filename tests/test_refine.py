@@ -235,7 +235,7 @@ def test_truncated_shard_fails_by_name(trials, ray_session, tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
     units = make_units(copies, [CRF])
     with pytest.raises(RefineFailed, match=r"trial-b/shard-00001\.npz") as info:
-        refine_units(units, cpu_actors=2, progress=False)
+        refine_units(units, cpu_actors=1, progress=False)
     failed = [r for r in info.value.results if r.status == "failed"]
     assert {(r.unit.trial_id, r.unit.shard.name) for r in failed} == {("trial-b", "shard-00001.npz")}
     assert all("truncated" in r.error and r.counter is None for r in failed)

@@ -111,6 +111,17 @@ def test_decoupled_subset_breaks_the_correlation(dataset: Path) -> None:
     assert any(not e["smoke"] for e in cpl), "coupled subset must contain clean images"
 
 
+def test_decoupled_smoke_mostly_rises_from_below_the_frame() -> None:
+    # Same plume shape as coupled smoke with the chimney hidden below the bottom edge, so the
+    # subset tests smoke without its chimney rather than an unseen plume shape.
+    cfg = replace(SMALL, n_test=60, decoupled_fraction=1.0)
+    smoke = [render(cfg, s)[1] for s in plan(cfg, "test") if s.smoke]
+    assert len(smoke) == 30
+    touching_bottom = np.mean([m[-6:].any() for m in smoke])
+    assert touching_bottom >= 0.7
+    assert touching_bottom < 1.0, "some plumes still enter from a side edge"
+
+
 def test_plume_is_large_and_chimney_small_and_plume_scale_controls_size() -> None:
     def smoke_fractions(scale: float) -> list[float]:
         cfg = replace(SMALL, size=96, n_test=40, plume_scale=scale)

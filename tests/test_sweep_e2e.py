@@ -1,0 +1,99 @@
+"""A real tiny sweep under Ray Tune, read back from MLflow (the product's main job).
+
+Marked slow: it starts Ray and trains three tiny models (about a minute on 2 cores).
+CI runs it (the README's test command runs every marker).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_config_dict
+
+from orchestrator.cli import main
+from orchestrator.tracking import PARENT_TAG, ROLE_TAG, default_tracking_uri
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory, synth_root) -> Path:
+    """Run the sweep once in a fresh folder (the cwd holds mlflow.db and runs/)."""
+    folder = tmp_path_factory.mktemp("sweep")
+    base = tiny_config_dict(synth_root)
+    space = {
+        "name": "tiny",
+        "description": "tiny end-to-end sweep",
+        "base": base,
+        "grid": {"transfer.paradigm": ["teacher_student", "co_training"]},
+        "resources": {"cpu": 1},
+        "tables": [{"name": "paradigms", "rows": ["arm"], "columns": ["transfer.metric", "transfer.level"]}],
+    }
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        assert main(["sweep", "tiny.yaml", "--num-cpus", "2"]) == 0
+    return folder
+
+
+def _runs(folder: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(default_tracking_uri(folder))
+    (exp,) = [e for e in client.search_experiments() if e.name == "wsss-sweeps"]
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_mlflow_holds_one_parent_and_one_finished_child_per_trial(sweep_dir):
+    client, runs = _runs(sweep_dir)
+    parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "parent"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get(PARENT_TAG) == parent.info.run_id]
+    assert len(children) == len(runs) - 1 == 2
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"miou", "miou_per_image", "accuracy", "context_activation"} <= set(child.data.metrics)
+        assert len(client.get_metric_history(child.info.run_id, "loss")) == 2  # one point per epoch
+        assert child.data.params["transfer.paradigm"] in {"teacher_student", "co_training"}
+        names = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"config.yaml", "metrics.json", "gallery"} <= names
+    assert {c.info.run_name for c in children} == {
+        "teacher_student · cosine · global · λ=1",
+        "co_training · cosine · global · λ=1",
+    }
+    tables = {a.path for a in client.list_artifacts(parent.info.run_id, "tables")}
+    assert {"tables/paradigms.md", "tables/paradigms.csv", "tables/results.md"} <= tables
+    assert parent.info.status == "FINISHED"
+
+
+def test_rerunning_a_finished_sweep_adds_nothing_and_retrains_nothing(sweep_dir, monkeypatch, capsys):
+    metrics = sorted((sweep_dir / "runs" / "tiny" / "trials").glob("*/metrics.json"))
+    stamps = [p.stat().st_mtime_ns for p in metrics]
+    _, before = _runs(sweep_dir)
+    monkeypatch.chdir(sweep_dir)
+    assert main(["sweep", "tiny.yaml", "--num-cpus", "2"]) == 0
+    assert "2/2 trials finished" in capsys.readouterr().out
+    _, after = _runs(sweep_dir)
+    assert sorted(r.info.run_id for r in after) == sorted(r.info.run_id for r in before)
+    assert all(r.info.status == "FINISHED" for r in after)
+    assert [p.stat().st_mtime_ns for p in metrics] == stamps
+
+
+def test_a_trial_reruns_locally_with_the_same_metrics(sweep_dir, monkeypatch):
+    monkeypatch.chdir(sweep_dir)
+    trial_id = "000-teacher_student"
+    out = sweep_dir / "rerun"
+    assert main(["trial", "--from-sweep", "tiny", "--trial", trial_id, "--out", str(out)]) == 0
+    swept = json.loads((sweep_dir / "runs" / "tiny" / "trials" / trial_id / "metrics.json").read_text())
+    assert json.loads((out / "metrics.json").read_text()) == swept
+
+
+def test_tables_command_prints_the_pivot_from_mlflow(sweep_dir, monkeypatch, capsys):
+    monkeypatch.chdir(sweep_dir)
+    assert main(["tables", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "| teacher_student |" in out and "| co_training |" in out
