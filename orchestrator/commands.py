@@ -31,6 +31,15 @@ def add_sweep_commands(sub) -> None:
     s.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     s.set_defaults(run=run_sweep_command)
 
+    r = sub.add_parser("refine", help="refine a sweep's CAMs (CRF, SAM, superpixels) with Ray actors")
+    r.add_argument("name")
+    r.add_argument("--trials", help="best:K, all, or id,id (default: the sweep file's refine.trials)")
+    r.add_argument("--space", type=Path, help="sweep file whose refine: section to use (default: the sweep's own)")
+    r.add_argument("--storage", type=Path, default=Path("runs"))
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
+    r.add_argument("--address", help="an existing Ray cluster (default: start a local Ray)")
+    r.set_defaults(run=run_refine)
+
     t = sub.add_parser("tables", help="print a sweep's tables from MLflow")
     t.add_argument("name")
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
@@ -93,6 +102,30 @@ def run_sweep_command(args) -> int:
     return 0 if outcome.complete else 3
 
 
+def run_refine(args) -> int:
+    import ray
+
+    from orchestrator.launch import _init_ray
+    from orchestrator.refine_sweep import refine_sweep
+    from orchestrator.space import load_space
+    from orchestrator.sweep import sweep_root
+    from orchestrator.tracking import SweepTracking
+
+    root = sweep_root(args.storage, args.name)
+    space = load_space(args.space or root / "space.yaml")
+    if not space.refine:
+        raise ConfigError(f"{args.space or root / 'space.yaml'}: no `refine:` section; pass --space with one")
+    tracking = SweepTracking.find(_tracking_uri(args.tracking_uri), args.name)
+    _init_ray(args.address, None, root)
+    try:
+        tables = refine_sweep(space.refine, root, tracking, trials=args.trials)
+    finally:
+        ray.shutdown()
+    for title, text in tables.items():
+        print(f"## {title}\n\n{text}\n")
+    return 0
+
+
 def run_tables(args) -> int:
     from orchestrator.tables import read_tables
 
@@ -131,8 +164,10 @@ def resolve_sweep_trial(name: str, trial_id: str | None, storage: Path | None) -
     if trial_id not in trials:
         from training.errors import did_you_mean
 
-        raise ConfigError(f"--trial {trial_id!r}: not in sweep {name}{did_you_mean(trial_id or '', trials)}; "
-                          f"trials: {', '.join(trials)}")
+        raise ConfigError(
+            f"--trial {trial_id!r}: not in sweep {name}{did_you_mean(trial_id or '', trials)}; "
+            f"trials: {', '.join(trials)}"
+        )
     out = root / "reruns" / f"{trial_id}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(json.loads(json.dumps(trials[trial_id]["config"])), sort_keys=False))

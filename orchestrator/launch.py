@@ -46,11 +46,15 @@ def run_sweep(
     try:
         _check_cluster(space, storage_is_shared)
         _fit(space, trials, ctx, root)
+        outcome = _outcome(space, name, root, ctx)
+        if outcome.complete and space.refine:
+            from orchestrator.refine_sweep import refine_sweep
+
+            outcome.tables |= refine_sweep(space.refine, root, ctx.tracking)
     finally:
         import ray
 
         ray.shutdown()
-    outcome = _outcome(space, name, root, ctx)
     if not outcome.complete:
         ctx.tracking.close_dangling("KILLED")
     return outcome
@@ -116,7 +120,9 @@ def _fit(space: SearchSpace, trials: list[TrialSpec], ctx: sw.SweepContext, root
     if tune.Tuner.can_restore(str(tune_dir)):
         tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=_tune_config(space), run_config=_run_config(space, root))
+        tuner = tune.Tuner(
+            trainable, param_space=param_space, tune_config=_tune_config(space), run_config=_run_config(space, root)
+        )
     tuner.fit()
 
 

@@ -207,7 +207,7 @@ def _axis_points(key: str, value: Any) -> dict[str, Any]:
 def _check_sampler(key: str, spec: Any) -> None:
     if not (isinstance(spec, dict) and len(spec) == 1):
         raise ConfigError(f"sample.{key}: expected one sampler, e.g. {{loguniform: [0.1, 2.0]}}, got {spec!r}")
-    (name, args), = spec.items()
+    ((name, args),) = spec.items()
     SAMPLERS.check(name, field=f"sample.{key}")
     if not isinstance(args, list) or not args:
         raise ConfigError(f"sample.{key}.{name}: expected a list of arguments, got {args!r}")
@@ -238,7 +238,9 @@ def expand(space: SearchSpace) -> list[TrialSpec]:
     points: list[dict[str, Any]] = []
     for values in itertools.product(*(space.grid[k] for k in keys)):
         for _ in range(space.num_samples):
-            drawn = {k: SAMPLERS.get(name)(rng, args) for k, spec in space.sample.items() for name, args in spec.items()}
+            drawn = {
+                k: SAMPLERS.get(name)(rng, args) for k, spec in space.sample.items() for name, args in spec.items()
+            }
             fixed = {k: v for key, value in zip(keys, values, strict=True) for k, v in _axis_points(key, value).items()}
             points.append(fixed | drawn)
     points.extend(dict(i) for i in space.include)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from orchestrator.space import SearchSpace, TrialSpec, arm, expand
 from orchestrator.tracking import SweepTracking, check_reachable, flatten
 from training.config import TrialConfig, from_dict
@@ -149,7 +151,9 @@ def _record(root: Path, space: SearchSpace, trials: list[TrialSpec]) -> None:
                 f"sweep folder {root} holds another search space; choose another --name or remove the folder"
             )
         return
-    shutil.copyfile(space.source, root / "space.yaml")
+    # The base is stored resolved, so the folder alone can rebuild the space.
+    resolved = {k: v for k, v in space.raw.items() if k != "set"} | {"base": space.base}
+    atomic_write_text(root / "space.yaml", yaml.safe_dump(resolved, sort_keys=False))
     atomic_write_text(path, json.dumps(listing, indent=1))
 
 

@@ -325,8 +325,8 @@ def test_inputs_not_mutated() -> None:
     logits, labels = np.array([0.3, -0.2]), np.array([True, False])
     before = copy.deepcopy((cams, gts, contexts, logits, labels))
     cam_scores(cams, gts, contexts, logits, labels, threshold=0.3)
-    for after, original in zip((cams, gts, contexts, logits, labels), before):
-        for a, o in zip(after, original):
+    for after, original in zip((cams, gts, contexts, logits, labels), before, strict=True):
+        for a, o in zip(after, original, strict=True):
             assert (a is None and o is None) or np.array_equal(a, o)
 
 

@@ -88,7 +88,7 @@ def test_threads_default_to_the_trial_cpus(tmp_path):
     ],
 )
 def test_bad_spaces_name_the_culprit(tmp_path, body, expected):
-    with pytest.raises(ConfigError, match="space.yaml") as err:
+    with pytest.raises(ConfigError, match=r"space\.yaml") as err:
         expand(load_space(write_space(tmp_path, body)))
     assert expected in str(err.value)
 

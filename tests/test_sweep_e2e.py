@@ -31,6 +31,7 @@ def sweep_dir(tmp_path_factory, synth_root) -> Path:
         "grid": {"transfer.paradigm": ["teacher_student", "co_training"]},
         "resources": {"cpu": 1},
         "tables": [{"name": "paradigms", "rows": ["arm"], "columns": ["transfer.metric", "transfer.level"]}],
+        "refine": {"trials": "best:1", "pipelines": [[{"step": "crf", "iters": 1, "scale": {"grid": [4, 12]}}]]},
     }
     (folder / "tiny.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:
@@ -68,6 +69,19 @@ def test_mlflow_holds_one_parent_and_one_finished_child_per_trial(sweep_dir):
     tables = {a.path for a in client.list_artifacts(parent.info.run_id, "tables")}
     assert {"tables/paradigms.md", "tables/paradigms.csv", "tables/results.md"} <= tables
     assert parent.info.status == "FINISHED"
+    refined = {a.path for a in client.list_artifacts(parent.info.run_id, "refine")}
+    assert "refine/refine_miou_refined.md" in refined
+
+
+def test_refinement_ran_after_the_grid_on_the_best_trial(sweep_dir):
+    _, runs = _runs(sweep_dir)
+    refined = [r for r in runs if any(k.startswith("refine/") for k in r.data.metrics)]
+    assert len(refined) == 1  # best:1
+    keys = {k for k in refined[0].data.metrics if k.startswith("refine/")}
+    assert {"refine/seed/miou", "refine/crf_iters_1_scale_4/miou"} <= keys or len(keys) == 6, keys
+    seed = refined[0].data.metrics["refine/seed/miou"]
+    # The seed pipeline re-thresholds the saved CAMs, which shards store as float16.
+    assert seed == pytest.approx(refined[0].data.metrics["miou"], abs=1e-3)
 
 
 def test_rerunning_a_finished_sweep_adds_nothing_and_retrains_nothing(sweep_dir, monkeypatch, capsys):

@@ -87,13 +87,13 @@ def _vit_norm1_grads(net: Backbone, images: torch.Tensor) -> tuple[torch.Tensor,
         handle.remove()
         net.zero_grad(set_to_none=True)
     tokens = captured["tokens"]
-    to_map = lambda t: tokens_to_map(t, net.net.num_prefix_tokens, images.shape[-2:], net.patch)  # noqa: E731
+    to_map = lambda t: tokens_to_map(t, net.net.num_prefix_tokens, images.shape[-2:], net.patch)
     return to_map(tokens.detach()), to_map(tokens.grad)
 
 
 def scaled_size(size: int, scale: float, multiple: int) -> int:
     """Side of a rescaled input, rounded to a multiple of the patch (ViT) size."""
-    return max(multiple, int(round(size * scale / multiple)) * multiple)
+    return max(multiple, round(size * scale / multiple) * multiple)
 
 
 def multiscale_cams(net: Backbone, images: torch.Tensor, cfg: CamConfig) -> torch.Tensor:

@@ -79,7 +79,9 @@ def score(camset: CamSet, evalset: EvalSet, threshold: float) -> dict[str, float
 
 
 @torch.no_grad()
-def quick_eval(net: Backbone, evalset: EvalSet, device: torch.device, *, batch_size: int, threshold: float) -> dict[str, float]:
+def quick_eval(
+    net: Backbone, evalset: EvalSet, device: torch.device, *, batch_size: int, threshold: float
+) -> dict[str, float]:
     """Cheap per-epoch numbers: accuracy and single-scale weight-CAM mIoU."""
     camset = extract_cams(net, evalset, CamConfig(scales=(1.0,), batch_size=batch_size), device)
     smoke = [i for i, g in enumerate(evalset.gts) if g.any()]
@@ -112,7 +114,7 @@ def gallery_indices(labels: np.ndarray, n: int) -> list[int]:
     smoke = np.flatnonzero(labels == 1)
     clean = np.flatnonzero(labels == 0)
     k_smoke = min(len(smoke), max(n - n // 4, n - len(clean)))
-    pick = lambda idx, k: idx[np.linspace(0, len(idx) - 1, k).astype(int)].tolist() if k else []  # noqa: E731
+    pick = lambda idx, k: idx[np.linspace(0, len(idx) - 1, k).astype(int)].tolist() if k else []
     return pick(smoke, k_smoke) + pick(clean, min(len(clean), n - k_smoke))
 
 

@@ -143,7 +143,7 @@ def count_masks(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> IoUCo
     """An ``IoUCounter`` over paired lists of H×W bool masks."""
     _check_same_length(preds=preds, gts=gts)
     counter = IoUCounter()
-    for pred, gt in zip(preds, gts):
+    for pred, gt in zip(preds, gts, strict=True):
         counter.add(pred, gt)
     return counter
 
@@ -229,10 +229,10 @@ def _threshold_sweep(
     thresholds = _check_thresholds(thresholds)
     _check_same_length(cams=cams, gts=gts)
     per_threshold, oracle = [IoUCounter() for _ in thresholds], IoUCounter()
-    for cam, gt in zip(cams, gts):
+    for cam, gt in zip(cams, gts, strict=True):
         intersections, unions = threshold_counts(cam, gt, thresholds)
         has_smoke = bool(np.any(gt))
-        for counter, i, u in zip(per_threshold, intersections, unions):
+        for counter, i, u in zip(per_threshold, intersections, unions, strict=True):
             counter.add_counts(i, u, has_smoke=has_smoke)
         best = int(np.argmax(intersections / np.maximum(unions, 1)))
         oracle.add_counts(intersections[best], unions[best], has_smoke=has_smoke)
@@ -288,7 +288,7 @@ def context_false_positive(
     """
     pairs = _with_context(cams, contexts)
     smoke = masks_at([cam for cam, _ in pairs], threshold)
-    return float(np.mean([np.mean(mask[context]) for mask, (_, context) in zip(smoke, pairs)]))
+    return float(np.mean([np.mean(mask[context]) for mask, (_, context) in zip(smoke, pairs, strict=True)]))
 
 
 def _with_context(
@@ -297,7 +297,7 @@ def _with_context(
     """The (cam, context) pairs whose context is non-empty; raises if there are none."""
     _check_same_length(cams=cams, contexts=contexts)
     pairs = []
-    for cam, context in zip(cams, contexts):
+    for cam, context in zip(cams, contexts, strict=True):
         if context is None or not np.any(context):
             continue
         cam, context = _as_cam(cam), _as_mask(context, "context")

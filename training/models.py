@@ -73,9 +73,7 @@ class Backbone(nn.Module):
         """
         if not self.is_vit:
             if set(layers) - {-1}:
-                raise ConfigError(
-                    f"cam.layers: layer fusion needs a ViT (equal widths per block); got {list(layers)}"
-                )
+                raise ConfigError(f"cam.layers: layer fusion needs a ViT (equal widths per block); got {list(layers)}")
             return [self.feature_map(images)]
         depth = len(self.net.blocks)
         idx = [i if i >= 0 else depth + i for i in layers]
@@ -106,9 +104,7 @@ def build_net(cfg: NetConfig, *, image_size: int) -> Backbone:
             and interpolated on the fly at other sizes (multi-scale CAMs).
     """
     if not timm.is_model(cfg.name):
-        raise ConfigError(
-            f"model name {cfg.name!r}: not a timm model{did_you_mean(cfg.name, timm.list_models())}"
-        )
+        raise ConfigError(f"model name {cfg.name!r}: not a timm model{did_you_mean(cfg.name, timm.list_models())}")
     kwargs = dict(cfg.options)
     kwargs["num_classes"] = NUM_CLASSES
     if _is_vit_name(cfg.name):
@@ -120,7 +116,7 @@ def build_net(cfg: NetConfig, *, image_size: int) -> Backbone:
         net = timm.create_model(cfg.name, pretrained=hub, **kwargs)
     except TypeError as err:
         raise ConfigError(f"model {cfg.name!r}: bad option in options={cfg.options}: {err}") from None
-    except Exception as err:  # noqa: BLE001 - hub download errors come in many types
+    except Exception as err:
         if not hub:
             raise
         raise CheckpointError(
@@ -172,7 +168,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
+    except Exception as err:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
 
 

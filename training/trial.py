@@ -158,7 +158,9 @@ def run_trial(
     for epoch in range(done, cfg.train.epochs):
         loader = epoch_loader(train_ds, cfg.train, epoch)
         metrics = train_epoch(model, loader, opt, sched, cfg.train, device, epoch=epoch)
-        metrics |= quick_eval(model.cam_net, evalset, device, batch_size=cfg.cam.batch_size, threshold=cfg.cam.threshold)
+        metrics |= quick_eval(
+            model.cam_net, evalset, device, batch_size=cfg.cam.batch_size, threshold=cfg.cam.threshold
+        )
         metrics["epoch"] = epoch + 1
         ckpt = save_state(out / "checkpoint", model, opt, sched, epoch + 1)
         tracker.log_metrics(metrics, step=epoch + 1)
@@ -167,7 +169,9 @@ def run_trial(
     return finish_trial(model, cfg, evalset, out, device, tracker)
 
 
-def finish_trial(model: Paradigm, cfg: TrialConfig, evalset: EvalSet, out: Path, device, tracker: Tracker) -> dict[str, float]:
+def finish_trial(
+    model: Paradigm, cfg: TrialConfig, evalset: EvalSet, out: Path, device, tracker: Tracker
+) -> dict[str, float]:
     """Extract CAMs, write shards and gallery, score, and record the metrics."""
     camset = extract_cams(model.cam_net, evalset, cfg.cam, device)
     write_shards(out / "cams", camset.ids, camset.cams, camset.logits, camset.labels, shard_size=cfg.cam.shard_size)

@@ -1,0 +1,59 @@
+"""Refinement of a whole sweep: pick trials, fan the units out, log the tables.
+
+Runs automatically after the grid when the sweep file has a ``refine:`` section,
+or on demand with ``wsss refine NAME``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from orchestrator import sweep as sw
+from orchestrator.refine import expand_refine_grid, log_refinement, make_units, refine_units, select_trials, summarise
+from orchestrator.tracking import SweepTracking
+from training.errors import ConfigError
+
+
+def refine_sweep(
+    section: dict[str, Any],
+    root: Path,
+    tracking: SweepTracking,
+    *,
+    trials: str | None = None,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Refine the chosen trials of the sweep in ``root`` with every pipeline of ``section``.
+
+    Args:
+        section: the sweep file's ``refine:`` section (pipelines, trials, actors).
+        root: the sweep folder.
+        tracking: the sweep's MLflow runs.
+        trials: ``best:K``, ``all`` or ``id,id``; overrides ``section["trials"]``.
+    Returns:
+        {table name: markdown} of the refinement tables (also logged on the parent run).
+    """
+    rows = sw.result_rows(root)
+    if not rows:
+        raise ConfigError(f"{root}: no finished trial to refine yet")
+    chosen = select_trials(rows, trials or section.get("trials", "all"))
+    units = make_units({t: root / "trials" / t for t in chosen}, expand_refine_grid(section))
+    cpu_actors = int(section.get("cpu_actors") or _cpus())
+    results = refine_units(
+        units,
+        cpu_actors=cpu_actors,
+        gpu_actors=int(section.get("gpu_actors", 0)),
+        max_retries=int(section.get("max_retries", 2)),
+        progress=progress,
+    )
+    run_ids = {t: run.info.run_id for t in chosen if (run := tracking.find_child(t)) is not None}
+    return log_refinement(tracking, summarise(results), run_ids)
+
+
+def _cpus() -> int:
+    import ray
+
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return os.cpu_count() or 1
