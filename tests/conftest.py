@@ -81,3 +81,22 @@ def make_config(synth_root: Path) -> Callable[..., TrialConfig]:
         return base.replace(**overrides) if overrides else base
 
     return make
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sqlite store with MLflow's schema; migrating a fresh DB costs seconds per test."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def uri(tmp_path: Path, migrated_db: Path) -> str:
+    """A fresh MLflow tracking URI per test (a copy of the migrated template)."""
+    import shutil
+
+    shutil.copy(migrated_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path}/mlflow.db"

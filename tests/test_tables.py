@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,29 +22,6 @@ from orchestrator.tracking import SweepTracking
 from training.errors import ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_telemetry():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        yield
-
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory, _no_telemetry) -> Path:
-    """A sqlite store with MLflow's schema; migrating a fresh DB costs seconds per test."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def uri(tmp_path: Path, migrated_db: Path) -> str:
-    shutil.copy(migrated_db, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path}/mlflow.db"
 
 
 def _row(tid, paradigm, metric, miou, lam=1.0, level="global"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -22,29 +21,6 @@ from orchestrator.tracking import (
 from training.errors import ConfigError
 
 SPACE = {"transfer": {"lam": {"grid_search": [0.5, 1.0]}, "metric": "cosine"}, "seed": 42}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_telemetry():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        yield
-
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory, _no_telemetry) -> Path:
-    """A sqlite store with MLflow's schema; migrating a fresh DB costs seconds per test."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def uri(tmp_path: Path, migrated_db: Path) -> str:
-    shutil.copy(migrated_db, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path}/mlflow.db"
 
 
 @pytest.fixture
