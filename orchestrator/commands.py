@@ -58,10 +58,11 @@ def _tracking_uri(given: str | None) -> str:
 
 
 def run_validate(args) -> int:
-    from orchestrator.space import expand, load_space
+    from orchestrator.space import check_checkpoints, expand, load_space
 
     space = load_space(args.space, args.overrides)
     trials = expand(space)
+    check_checkpoints(trials)
     arms = Counter(t.config.transfer.paradigm for t in trials)
     print(f"{args.space}: valid; sweep {space.name!r} expands to {len(trials)} trials")
     print("  by paradigm: " + ", ".join(f"{k} {v}" for k, v in sorted(arms.items())))
@@ -87,16 +88,21 @@ def run_sweep_command(args) -> int:
     name = args.name or space.name
     if args.resume:
         require_space_match(sweep_root(args.storage, name))
-    outcome = run_sweep(
-        space,
-        name=name,
-        storage=args.storage,
-        tracking_uri=_tracking_uri(args.tracking_uri),
-        address=args.address,
-        storage_is_shared=args.storage_is_shared,
-        num_cpus=args.num_cpus,
-    )
-    print_outcome(outcome, command=shlex.join(["wsss", *sys.argv[1:]]) if sys.argv[1:] else "wsss sweep ...")
+    command = shlex.join(["wsss", *sys.argv[1:]]) if sys.argv[1:] else "wsss sweep ..."
+    try:
+        outcome = run_sweep(
+            space,
+            name=name,
+            storage=args.storage,
+            tracking_uri=_tracking_uri(args.tracking_uri),
+            address=args.address,
+            storage_is_shared=args.storage_is_shared,
+            num_cpus=args.num_cpus,
+        )
+    except KeyboardInterrupt:
+        print(f"\nsweep {name}: interrupted; UNFINISHED: resume with\n  {command}", file=sys.stderr)
+        return 130
+    print_outcome(outcome, command=command)
     if outcome.complete:
         print("\nbrowse every run:  wsss ui   (then open http://127.0.0.1:5000)")
     return 0 if outcome.complete else 3

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from orchestrator import sweep as sw
 from orchestrator.space import SearchSpace, TrialSpec
+from orchestrator.tracking import TrackingUnavailable
 from training.errors import ConfigError, WsssError
+
+# Passed on to trials: the test-only fault hook, and how long MLflow retries a dead server.
+PASSED_ENV = (sw.FAULT_ENV, "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 
 
 class ClusterError(WsssError):
@@ -38,36 +45,127 @@ def run_sweep(
         num_cpus: CPUs of a local Ray instance (default: all).
     """
     root = sw.sweep_root(storage, name)
-    trials, ctx = sw.prepare(space, name, storage, tracking_uri)
-    finished, _, total = sw.status(root)
-    if len(finished) == total:
-        return _outcome(space, name, root, ctx)
-    _init_ray(address, num_cpus, root)
-    try:
-        _check_cluster(space, storage_is_shared)
-        _fit(space, trials, ctx, root)
+    trials = sw.plan(space, name, storage, tracking_uri)
+    finished, failed, total = sw.status(root)
+    if len(finished) + len(failed) == total:  # diverged trials are not retried: they would diverge again
+        _, ctx = sw.prepare(space, name, storage, tracking_uri, trials)
         outcome = _outcome(space, name, root, ctx)
         if outcome.complete and space.refine:
-            from orchestrator.refine_sweep import refine_sweep
+            outcome.tables |= _refine_once(space, root, ctx, address=address, num_cpus=num_cpus)
+        return outcome
+    ctx = None
+    _init_ray(address, num_cpus, root)
+    with _sigterm_as_sigint():  # after ray.init, which installs its own SIGTERM handler in the driver
+        try:
+            _check_cluster(space, storage_is_shared)  # before any training
+            trials, ctx = sw.prepare(space, name, storage, tracking_uri, trials)
+            _fit(space, trials, ctx, root)
+            outcome = _outcome(space, name, root, ctx)
+            if outcome.complete and space.refine:
+                outcome.tables |= _refine_once(space, root, ctx)
+        except BaseException as err:
+            _close_runs_after(err, ctx, tracking_uri, name)
+            raise
+        finally:
+            import ray
 
-            outcome.tables |= refine_sweep(space.refine, root, ctx.tracking)
-    finally:
-        import ray
-
-        ray.shutdown()
+            ray.shutdown()
     if not outcome.complete:
         ctx.tracking.close_dangling("KILLED")
     return outcome
 
 
+def _refine_once(space: SearchSpace, root: Path, ctx: sw.SweepContext, **ray_args) -> dict[str, str]:
+    """Refine after the grid unless this refinement already completed (then reuse its tables).
+
+    A refinement cut short is resumed: its finished units are skipped on disk.
+    """
+    import ray
+
+    from orchestrator.refine_sweep import refine_sweep, refined_tables
+
+    done = refined_tables(space.refine, root)
+    if done is not None:
+        return done
+    started = not ray.is_initialized()
+    if started:
+        _init_ray(ray_args.get("address"), ray_args.get("num_cpus"), root)
+    try:
+        return refine_sweep(space.refine, root, ctx.tracking)
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def _outcome(space: SearchSpace, name: str, root: Path, ctx: sw.SweepContext) -> sw.SweepOutcome:
+    """How the sweep stands on disk, with MLflow brought up to date (tables, statuses)."""
+    from orchestrator.offline import tracking_errors
+
     finished, failed, total = sw.status(root)
-    tables = sw.publish_tables(space, root, ctx.tracking)
-    outcome = sw.SweepOutcome(name, root, total, finished, failed, tables)
+    outcome = sw.SweepOutcome(name, root, total, finished, failed, {})
     if outcome.complete:
         sw.mark_done(root, outcome)
-        ctx.tracking.finish(ctx.tracking.parent_run_id, "FINISHED")
+    tracking = ctx.tracking
+    try:
+        sw.sync(root, tracking)
+        outcome.tables = sw.publish_tables(space, root, tracking)
+        if outcome.complete:
+            tracking.finish(tracking.parent_run_id, "FINISHED")
+        elif len(finished) + len(failed) == total:
+            tracking.tracker(tracking.parent_run_id).set_tags({"wsss.failed_trials": ",".join(failed)})
+            tracking.finish(tracking.parent_run_id, "FAILED")
+    except tracking_errors() as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise TrackingUnavailable(
+            f"MLflow at {tracking.uri} stopped answering ({first}). Nothing is lost: every finished trial's "
+            f"results are on disk in {root}/trials/<id>/ (metrics.json, config.yaml, gallery/, and "
+            "unsynced.jsonl for what it could not log). Rerun the same `wsss sweep` command once the server "
+            "is back: finished trials are not retrained, and their runs, metrics and tables are logged then."
+        ) from None
     return outcome
+
+
+def _close_runs_after(err: BaseException, ctx: sw.SweepContext | None, tracking_uri: str, name: str) -> None:
+    """Leave no MLflow run RUNNING after the driver stops early (Ctrl-C twice, SIGTERM, an error)."""
+    from orchestrator.offline import tracking_errors
+    from orchestrator.tracking import SweepTracking, store_exists
+
+    status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+    if ctx is None and not store_exists(tracking_uri):
+        return  # stopped before any run was created; do not create a database just to look
+    try:
+        tracking = ctx.tracking if ctx else SweepTracking.find(tracking_uri, name, sw.EXPERIMENT)
+        closed = tracking.close_dangling(status)
+    except (WsssError, *tracking_errors()):
+        return  # no sweep in MLflow yet, or MLflow is the problem; a rerun reopens and closes the runs
+    if closed:
+        print(f"closed {len(closed)} MLflow run(s) left running as {status}", file=sys.stderr)
+
+
+@contextmanager
+def _sigterm_as_sigint():
+    """SIGTERM (`kill`, a batch scheduler, `ray job stop`) takes the graceful path of Ctrl-C.
+
+    Tune handles SIGINT by saving its state and returning from ``fit``, after
+    which the driver closes the runs left open and prints the resume command.
+    Outside ``fit`` the SIGINT handler raises KeyboardInterrupt, handled alike.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        # None: the previous handler was installed from C (Ray's crash logger) and cannot be put back.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _init_ray(address: str | None, num_cpus: int | None, root: Path) -> None:
@@ -76,6 +174,9 @@ def _init_ray(address: str | None, num_cpus: int | None, root: Path) -> None:
     # Trials write only absolute paths, so keep every worker in the driver's cwd.
     env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     os.environ.update(env)
+    # Per-epoch checkpoints are small and frequent by design; Tune's warning about them is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    env |= {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
         return
@@ -85,6 +186,9 @@ def _init_ray(address: str | None, num_cpus: int | None, root: Path) -> None:
         object_store_memory=300 * 1024 * 1024,  # trials pass paths, not arrays
         runtime_env={"env_vars": env},
         logging_level="WARNING",
+        # Workers' own logs ("Checkpoint successfully created" each epoch) stay in Ray's log
+        # folder; a failing trial is still reported by Tune with its error file.
+        log_to_driver=False,
     )
 
 
@@ -173,8 +277,8 @@ def print_outcome(outcome: sw.SweepOutcome, *, command: str, stream=None) -> Non
         print(f"\n## {title}\n\n{text}", file=stream)
     done = len(outcome.finished)
     print(f"\nsweep {outcome.name}: {done}/{outcome.total} trials finished, {len(outcome.failed)} failed", file=stream)
-    if outcome.failed:
-        print(f"failed: {', '.join(outcome.failed)}", file=stream)
+    for trial_id in outcome.failed:
+        print(f"failed: {trial_id}: {sw.failure_reason(outcome.root, trial_id)}", file=stream)
     if done + len(outcome.failed) < outcome.total:
         print(f"UNFINISHED: resume with\n  {command}", file=stream)
     print(f"outputs in {outcome.root}", file=stream)

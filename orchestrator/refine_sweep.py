@@ -6,6 +6,7 @@ or on demand with ``wsss refine NAME``.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ from orchestrator import sweep as sw
 from orchestrator.refine import expand_refine_grid, log_refinement, make_units, refine_units, select_trials, summarise
 from orchestrator.tracking import SweepTracking
 from training.errors import ConfigError
+from training.shards import atomic_write_text
+
+MARKER = "refine.json"
 
 
 def refine_sweep(
@@ -48,7 +52,18 @@ def refine_sweep(
         progress=progress,
     )
     run_ids = {t: run.info.run_id for t in chosen if (run := tracking.find_child(t)) is not None}
-    return log_refinement(tracking, summarise(results), run_ids)
+    tables = log_refinement(tracking, summarise(results), run_ids)
+    atomic_write_text(root / MARKER, json.dumps({"section": section, "trials": chosen, "tables": tables}))
+    return tables
+
+
+def refined_tables(section: dict[str, Any], root: Path) -> dict[str, str] | None:
+    """The tables of an earlier complete refinement with this same section, or None."""
+    path = root / MARKER
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    return done["tables"] if done.get("section") == json.loads(json.dumps(section)) else None
 
 
 def _cpus() -> int:

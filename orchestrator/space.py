@@ -20,7 +20,7 @@ import numpy as np
 
 from orchestrator.tables import TableSpec
 from training.config import TrialConfig, apply_overrides, from_dict, load_yaml, parse_overrides
-from training.errors import ConfigError, did_you_mean
+from training.errors import CheckpointError, ConfigError, did_you_mean
 from training.registry import Registry
 
 SAMPLERS: Registry = Registry("sampler")
@@ -264,6 +264,37 @@ def _resolve(space: SearchSpace, points: list[dict[str, Any]]) -> list[TrialSpec
         seen.add(cfg.digest())
         trials.append(TrialSpec(f"{len(trials):03d}-{_tag(overrides)}", overrides, cfg))
     return trials
+
+
+def check_checkpoints(trials: list[TrialSpec]) -> None:
+    """Fail before any trial starts when a checkpoint file named by a trial is missing.
+
+    Checked where the driver runs: on a cluster, weights must sit on storage every
+    node mounts at the same path. Whether a file *is* a checkpoint is checked when
+    a trial loads it (`training.models.load_weights`), with the same kind of message.
+
+    Raises:
+        CheckpointError: naming each key, path and the trials that use it.
+    """
+    missing: dict[str, list[str]] = {}
+    for t in trials:
+        for key, value in _checkpoint_paths(t.config):
+            if not Path(value).expanduser().is_file():
+                missing.setdefault(f"{key}={value}", []).append(t.id)
+    if missing:
+        found = "; ".join(f"{k} (trial {', '.join(ids[:3])}{', …' * (len(ids) > 3)})" for k, ids in missing.items())
+        raise CheckpointError(
+            f"checkpoint file does not exist: {found}; expected a .pt/.pth/.bin/.safetensors file "
+            "(for pretrained: also true or false)"
+        )
+
+
+def _checkpoint_paths(cfg: TrialConfig) -> list[tuple[str, str]]:
+    paths = [(f"model.{net}.pretrained", getattr(cfg.model, net).pretrained) for net in ("teacher", "student")]
+    paths = [(k, v) for k, v in paths if v.lower() not in ("true", "false")]
+    if cfg.transfer.teacher_checkpoint:
+        paths.append(("transfer.teacher_checkpoint", cfg.transfer.teacher_checkpoint))
+    return paths
 
 
 def _tag(overrides: dict[str, Any]) -> str:

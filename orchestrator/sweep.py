@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from orchestrator.space import SearchSpace, TrialSpec, arm, expand
+from orchestrator.offline import JOURNAL, JournalingTracker, sync_trials
+from orchestrator.space import SearchSpace, TrialSpec, arm, check_checkpoints, expand
 from orchestrator.tracking import SweepTracking, check_reachable, flatten
 from training.config import TrialConfig, from_dict
 from training.errors import ConfigError, TrainingDiverged
@@ -33,6 +34,8 @@ from training.trial import cache_root, ensure_teacher, prepare_data, run_trial
 
 EXPERIMENT = "wsss-sweeps"
 DIVERGED = "diverged.json"
+FAULT_ENV = "WSSS_FAULT_INJECT"
+FAULT_KINDS = ("crash_once", "tracking_down")
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,11 @@ class SweepOutcome:
 
 
 def sweep_trainable(config: dict[str, Any], context: SweepContext) -> None:
-    """One Tune trial: the same `run_trial` as ``wsss trial``, plus reporting."""
+    """One Tune trial: the same `run_trial` as ``wsss trial``, plus reporting.
+
+    Tracking never fails a trial: when MLflow stops answering, the trial goes on
+    and journals its tracking on disk for the driver to replay (`offline`).
+    """
     from ray import tune
 
     spec = config["trial"]
@@ -74,8 +81,15 @@ def sweep_trainable(config: dict[str, Any], context: SweepContext) -> None:
     cfg = from_dict(TrialConfig, spec["config"])
     out = context.trial_dir(trial_id)
     _refuse_if_diverged(out)
-    run_id = context.tracking.child_run(trial_id, run_name=spec["run_name"], params=cfg.to_dict())
-    tracker = context.tracking.tracker(run_id)
+    if (out / "metrics.json").is_file():  # finished, but the driver stopped before Tune heard of it
+        tune.report(json.loads((out / "metrics.json").read_text()))
+        return  # the driver's `sync` closes its run
+    out.mkdir(parents=True, exist_ok=True)
+    faults = injected_faults(trial_id)
+    down = "injected by WSSS_FAULT_INJECT" if "tracking_down" in faults else None
+    run_id = context.run_ids[trial_id]  # created by the driver, never by racing trials
+    tracker = JournalingTracker(context.tracking.tracker(run_id), out / JOURNAL, offline=down)
+    tracker.set_status("RUNNING")  # a retried or restored trial reopens its run
     checkpoint = tune.get_checkpoint()
     resume = Path(checkpoint.to_directory()) if checkpoint else None
     last: dict[str, float] = {}
@@ -83,20 +97,21 @@ def sweep_trainable(config: dict[str, Any], context: SweepContext) -> None:
     def report(metrics: dict[str, float], ckpt_dir: Path) -> None:
         last.update(metrics)
         tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+        _crash_once_if_injected(faults, out, int(metrics["epoch"]))
 
     try:
         final = run_trial(cfg, out, tracker=tracker, on_epoch=report, resume_from=resume, cache=Path(context.cache))
     except TrainingDiverged as err:
         atomic_write_text(out / DIVERGED, json.dumps({"reason": str(err)}))
         tracker.set_tags({"wsss.failure": str(err)[:5000]})
-        context.tracking.finish(run_id, "FAILED")
+        tracker.set_status("FAILED")
         raise
     except BaseException as err:
         tracker.set_tags({"wsss.failure": f"{type(err).__name__}: {err}"[:5000]})
-        context.tracking.finish(run_id, "FAILED")
+        tracker.set_status("FAILED")
         raise
     tune.report(last | final)
-    context.tracking.finish(run_id, "FINISHED")
+    tracker.set_status("FINISHED")
 
 
 def _refuse_if_diverged(out: Path) -> None:
@@ -106,6 +121,34 @@ def _refuse_if_diverged(out: Path) -> None:
         raise TrainingDiverged(json.loads(marker.read_text())["reason"] + " (not retried: deterministic)")
 
 
+def injected_faults(trial_id: str) -> dict[str, str]:
+    """Test-only faults for ``trial_id`` from ``$WSSS_FAULT_INJECT`` (kind → argument).
+
+    The variable holds comma-separated ``kind:trial_id[:arg]`` items:
+    ``crash_once:<id>:<epoch>`` raises once, right after that epoch's checkpoint
+    is reported; ``tracking_down:<id>`` makes the trial's MLflow calls fail from
+    the start. Tests set it in the driver's environment; Ray passes it to trials.
+    """
+    faults = {}
+    for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        kind, _, rest = item.strip().partition(":")
+        target, _, arg = rest.partition(":")
+        if kind not in FAULT_KINDS:
+            raise ConfigError(f"{FAULT_ENV}: unknown fault {kind!r}; expected one of {', '.join(FAULT_KINDS)}")
+        if target == trial_id:
+            faults[kind] = arg
+    return faults
+
+
+def _crash_once_if_injected(faults: dict[str, str], out: Path, epoch: int) -> None:
+    if faults.get("crash_once") != str(epoch):
+        return
+    marker = out / ".injected-crash_once"
+    if not marker.exists():  # the retry must not crash again
+        marker.touch()
+        raise RuntimeError(f"injected crash after epoch {epoch} ({FAULT_ENV})")
+
+
 # ---------------------------------------------------------------- the driver
 
 
@@ -113,30 +156,48 @@ def sweep_root(storage: Path, name: str) -> Path:
     return (Path(storage) / name).resolve()
 
 
-def prepare(space: SearchSpace, name: str, storage: Path, tracking_uri: str) -> tuple[list[TrialSpec], SweepContext]:
-    """Expand, record and set up a sweep (data, teachers, MLflow runs) in the driver."""
+def plan(space: SearchSpace, name: str, storage: Path, tracking_uri: str) -> list[TrialSpec]:
+    """Check the tracking store, then expand and record the trials (no training yet)."""
     check_reachable(tracking_uri)
-    root = sweep_root(storage, name)
     trials = expand(space)
-    _record(root, space, trials)
+    check_checkpoints(trials)
+    _record(sweep_root(storage, name), space, trials)
+    return trials
+
+
+def prepare(
+    space: SearchSpace, name: str, storage: Path, tracking_uri: str, trials: list[TrialSpec] | None = None
+) -> tuple[list[TrialSpec], SweepContext]:
+    """Set up what trials share (MLflow runs, data, teachers) in the driver.
+
+    Args:
+        trials: from `plan`; planned here when None.
+    """
+    root = sweep_root(storage, name)
+    trials = plan(space, name, storage, tracking_uri) if trials is None else trials
+    description = space.description or f"Sweep `{name}` from {space.source.name}: {len(trials)} trials."
+    tracking = SweepTracking.open(tracking_uri, EXPERIMENT, name, space=space.raw, description=description)
     cache = cache_root()
     trials = _with_teachers(trials, root, cache)
     for cfg in {t.config.data for t in trials}:
         prepare_data(cfg, cache)
-    description = space.description or f"Sweep `{name}` from {space.source.name}: {len(trials)} trials."
-    tracking = SweepTracking.open(tracking_uri, EXPERIMENT, name, space=space.raw, description=description)
-    finished = set(status(root)[0])
-    run_ids = {t.id: _child(tracking, t, finished) for t in trials}
+    finished, failed, _ = status(root)
+    run_ids = {t.id: _child(tracking, t, {*finished, *failed}) for t in trials}
     return trials, SweepContext(str(root), tracking, run_ids, str(cache))
 
 
-def _child(tracking: SweepTracking, t: TrialSpec, finished: set[str]) -> str:
-    """The trial's MLflow run; created now (not by racing trials), and a finished
-    trial's run is only looked up, never reopened."""
-    found = tracking.find_child(t.id) if t.id in finished else None
+def _child(tracking: SweepTracking, t: TrialSpec, settled: set[str]) -> str:
+    """The trial's MLflow run; created now (not by racing trials), and the run of a
+    finished or diverged trial is only looked up, never reopened."""
+    found = tracking.find_child(t.id) if t.id in settled else None
     if found is not None:
         return found.info.run_id
     return tracking.child_run(t.id, run_name=t.run_name, params=t.config.to_dict())
+
+
+def sync(root: Path, tracking: SweepTracking) -> list[str]:
+    """Log to MLflow what trials could not while it was unreachable (see `offline`)."""
+    return sync_trials(root, tracking, load_trials(root), DIVERGED)
 
 
 def _record(root: Path, space: SearchSpace, trials: list[TrialSpec]) -> None:
@@ -218,6 +279,12 @@ def status(root: Path) -> tuple[list[str], list[str], int]:
     finished = [t for t in trials if (Path(root) / "trials" / t / "metrics.json").is_file()]
     failed = [t for t in trials if t not in finished and (Path(root) / "trials" / t / DIVERGED).is_file()]
     return finished, failed, len(trials)
+
+
+def failure_reason(root: Path, trial_id: str) -> str:
+    """Why a failed trial stopped, from its ``diverged.json``."""
+    marker = Path(root) / "trials" / trial_id / DIVERGED
+    return json.loads(marker.read_text())["reason"] if marker.is_file() else "unknown"
 
 
 def publish_tables(space: SearchSpace, root: Path, tracking: SweepTracking) -> dict[str, str]:

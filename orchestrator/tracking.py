@@ -91,6 +91,12 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         )
 
 
+def store_exists(uri: str) -> bool:
+    """False only for a ``sqlite:///`` store whose database file does not exist yet."""
+    path = _sqlite_path(uri)
+    return path is None or path.is_file()
+
+
 def _check_http(uri: str, timeout: float) -> None:
     url = uri.rstrip("/") + "/health"
     try:
@@ -219,6 +225,15 @@ class MlflowTracker(_LazyClient):
 
         if tags:
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def set_status(self, status: str) -> None:
+        """Reopen the run (RUNNING) or terminate it (FINISHED, FAILED or KILLED)."""
+        if status == "RUNNING":
+            self.client.update_run(self.run_id, status="RUNNING")
+        elif status in TERMINAL_STATUSES:
+            self.client.set_terminated(self.run_id, status=status)
+        else:
+            raise ConfigError(f"run status {status!r}; expected RUNNING or one of {', '.join(TERMINAL_STATUSES)}")
 
 
 class SweepTracking(_LazyClient):

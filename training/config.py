@@ -121,6 +121,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     precision: str = "fp32"  # fp32 | bf16 (autocast; CUDA or CPU)
     channels_last: bool = False  # memory format for the CNN (faster on GPUs)
+    teacher_cache: str = "float16"  # teacher_student: cached teacher features: float16 | float32 | false
     teacher_epochs: int = 3  # teacher_student: epochs of the teacher trained first
     teacher_lr: float = 1e-4
 
@@ -135,6 +136,7 @@ class TrainConfig:
             raise ConfigError(f"{path}.weight_decay/warmup_epochs: expected ≥ 0")
         _at_least(self.threads, 0, f"{path}.threads")
         _one_of(self.precision, ("fp32", "bf16"), f"{path}.precision")
+        _one_of(self.teacher_cache, ("float16", "float32", "false"), f"{path}.teacher_cache")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"{path}.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 

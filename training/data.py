@@ -15,6 +15,7 @@ before training starts (``wsss data check`` runs `validate_dataset`).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,8 +123,9 @@ def read_image(path: Path, *, max_pixels: int = 50_000_000) -> np.ndarray:
 
     Grayscale images are converted to RGB (replicated channels); an alpha channel
     is dropped. EXIF orientation is ignored (pixels are used as stored). The pixel
-    limit is checked after decoding: it keeps giant frames out of training, where
-    they would be resized to a few hundred pixels anyway.
+    limit keeps giant frames out of training, where they would be resized to a few
+    hundred pixels anyway; it is checked on the file header first, so a huge (or
+    forged) header fails before gigabytes are decoded.
 
     Returns:
         H×W×3 uint8 RGB.
@@ -131,18 +133,16 @@ def read_image(path: Path, *, max_pixels: int = 50_000_000) -> np.ndarray:
     Raises:
         DataError: unreadable/corrupt file, not 8-bit, or more than ``max_pixels``.
     """
+    size = _header_size(path)
+    if size is not None:
+        _check_pixels(path, *size, max_pixels)
     array = _decode(path)
     if array.dtype != np.uint8:
         raise DataError(
             f"{path}: expected 8-bit RGB, got {array.dtype}; convert it, e.g. "
             f"`convert in.png -depth 8 out.png` or cv2.convertScaleAbs(img, alpha=255/65535)"
         )
-    h, w = array.shape[:2]
-    if h * w > max_pixels:
-        raise DataError(
-            f"{path}: {w}×{h} = {h * w} pixels, expected at most {max_pixels}; cut it into "
-            f"windows with `wsss data windows`"
-        )
+    _check_pixels(path, array.shape[1], array.shape[0], max_pixels)
     channels = 1 if array.ndim == 2 else array.shape[2]
     codes = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}
     if channels == 2:  # grey + alpha
@@ -150,6 +150,29 @@ def read_image(path: Path, *, max_pixels: int = 50_000_000) -> np.ndarray:
     if channels not in codes:
         raise DataError(f"{path}: expected 1, 3 or 4 channels, got {channels}")
     return cv2.cvtColor(array, codes[channels])
+
+
+def _check_pixels(path: Path, w: int, h: int, max_pixels: int) -> None:
+    if h * w > max_pixels:
+        raise DataError(
+            f"{path}: {w}×{h} = {h * w} pixels, expected at most {max_pixels}; cut it into "
+            f"windows with `wsss data windows`"
+        )
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(W, H) read from the file header without decoding; None when the header is not understood."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below says it better
+            with Image.open(path) as im:
+                return im.size
+    except Image.DecompressionBombError as err:  # PIL's own guard (~179 M pixels) fired first
+        raise DataError(f"{path}: {err}; cut it into windows with `wsss data windows`") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None  # _decode reports unreadable files
 
 
 def read_mask(path: Path, *, shape: tuple[int, int], image: Path | None = None) -> np.ndarray:

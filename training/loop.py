@@ -108,8 +108,9 @@ def train_epoch(
     sums: dict[str, float] = {}
     n = 0
     for step, batch in enumerate(loader):
-        images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device)
-        t_fmap = teacher_features(batch[2]).to(device) if teacher_features is not None else None
+        images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        # cached features are pinned on CUDA, so this copy overlaps the student's forward
+        t_fmap = teacher_features(batch[2]).to(device, non_blocking=True) if teacher_features is not None else None
         with autocast(cfg, device):
             loss, terms = model.loss(images, labels, t_fmap)
         if not math.isfinite(terms["loss"]):

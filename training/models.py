@@ -36,6 +36,16 @@ class Backbone(nn.Module):
         self.net = net
         self.pcm = pcm
         self.is_vit = hasattr(net, "patch_embed") and hasattr(net, "blocks")
+        self.channels_last = False
+
+    def use_channels_last(self) -> Backbone:
+        """CNNs only: keep weights and inputs in NHWC memory format, which cuDNN's
+        tensor-core convolutions prefer (bf16/fp16 on recent GPUs). A ViT is left
+        as it is: its convolution is one patch embedding."""
+        if not self.is_vit:
+            self.net.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        return self
 
     @property
     def num_features(self) -> int:
@@ -47,6 +57,8 @@ class Backbone(nn.Module):
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         """B×3×H×W normalised images → B×C×h×w last features (ViT: patch tokens)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         feats = self.net.forward_features(images)
         if self.is_vit:
             feats = tokens_to_map(feats, self.net.num_prefix_tokens, images.shape[-2:], self.patch)

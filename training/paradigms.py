@@ -42,6 +42,13 @@ class Paradigm(nn.Module):
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def use_channels_last(self) -> Paradigm:
+        """Put every CNN backbone of this paradigm in channels-last memory format."""
+        for module in self.modules():
+            if isinstance(module, Backbone):
+                module.use_channels_last()
+        return self
+
 
 def bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.squeeze(1), labels.float())

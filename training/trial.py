@@ -19,8 +19,10 @@ from training.config import DataConfig, TrialConfig, save_config
 from training.data import TestDataset, TrainDataset, scan_test, scan_train
 from training.errors import DataError
 from training.evaluate import EvalSet, extract_cams, quick_eval, save_gallery, score
+from training.feature_cache import IndexedDataset, TeacherFeatures, cache_enabled, ensure_teacher_features
 from training.loop import (
     configure_threads,
+    default_num_workers,
     epoch_loader,
     load_state,
     make_optimizer,
@@ -83,7 +85,8 @@ def teacher_config(cfg: TrialConfig) -> TrialConfig:
 def teacher_key(cfg: TrialConfig) -> str:
     """Hash of what determines the teacher's weights (not device or thread count)."""
     t = teacher_config(cfg)
-    return t.replace(**{"train.device": "auto", "train.threads": 0}).digest("data", "model.teacher", "train")
+    neutral = {"train.device": "auto", "train.threads": 0, "train.teacher_cache": "float16"}
+    return t.replace(**neutral).digest("data", "model.teacher", "train")
 
 
 def ensure_teacher(cfg: TrialConfig, cache: Path | None = None, *, tracker: Tracker | None = None) -> Path:
@@ -152,15 +155,22 @@ def run_trial(
         teacher_checkpoint = str(teacher_checkpoint or cfg.transfer.teacher_checkpoint or ensure_teacher(cfg, cache))
     seed_everything(cfg.train.seed)  # same initial weights whether or not a teacher was just trained
     model = build_paradigm(cfg, teacher_checkpoint).to(device)
-    first = epoch_loader(train_ds, cfg.train, 0)
+    if cfg.train.channels_last:
+        model.use_channels_last()
+    features = teacher_features(cfg, model, train_ds, teacher_checkpoint, cache, device)
+    train_set = IndexedDataset(train_ds) if features is not None else train_ds
+    workers = default_num_workers(device, cfg.data.num_workers)
+    loader_opts = {"num_workers": workers, "pin": device.type == "cuda"}
+    first = epoch_loader(train_set, cfg.train, 0, **loader_opts)
     opt, sched = make_optimizer(model, cfg.train, len(first))
     done = load_state(resume_from, model, opt, sched) if resume_from else 0
     for epoch in range(done, cfg.train.epochs):
-        loader = epoch_loader(train_ds, cfg.train, epoch)
-        metrics = train_epoch(model, loader, opt, sched, cfg.train, device, epoch=epoch)
+        loader = epoch_loader(train_set, cfg.train, epoch, **loader_opts)
+        metrics = train_epoch(model, loader, opt, sched, cfg.train, device, epoch=epoch, teacher_features=features)
         metrics |= quick_eval(
-            model.cam_net, evalset, device, batch_size=cfg.cam.batch_size, threshold=cfg.cam.threshold
-        )
+            model.cam_net, evalset, device, batch_size=cfg.cam.batch_size, threshold=cfg.cam.threshold,
+            num_workers=workers,
+        )  # fmt: skip
         metrics["epoch"] = epoch + 1
         ckpt = save_state(out / "checkpoint", model, opt, sched, epoch + 1)
         tracker.log_metrics(metrics, step=epoch + 1)
@@ -169,11 +179,30 @@ def run_trial(
     return finish_trial(model, cfg, evalset, out, device, tracker)
 
 
+def teacher_features(
+    cfg: TrialConfig, model: Paradigm, train_ds: TrainDataset, checkpoint: str | None, cache: Path | None, device
+) -> TeacherFeatures | None:
+    """The frozen teacher's cached feature maps, or None where the teacher must run
+    in every step (other paradigms, augmented inputs, ``train.teacher_cache=false``)."""
+    if not cache_enabled(cfg.train.teacher_cache, cfg.data.augment, cfg.transfer.paradigm):
+        return None
+    return ensure_teacher_features(
+        model.teacher,
+        train_ds,
+        teacher_checkpoint=str(checkpoint),
+        cache=cache or cache_root(),
+        dtype=cfg.train.teacher_cache,
+        device=device,
+        batch_size=cfg.cam.batch_size,
+    )
+
+
 def finish_trial(
     model: Paradigm, cfg: TrialConfig, evalset: EvalSet, out: Path, device, tracker: Tracker
 ) -> dict[str, float]:
     """Extract CAMs, write shards and gallery, score, and record the metrics."""
-    camset = extract_cams(model.cam_net, evalset, cfg.cam, device)
+    workers = default_num_workers(device, cfg.data.num_workers)
+    camset = extract_cams(model.cam_net, evalset, cfg.cam, device, num_workers=workers)
     write_shards(out / "cams", camset.ids, camset.cams, camset.logits, camset.labels, shard_size=cfg.cam.shard_size)
     metrics = score(camset, evalset, cfg.cam.threshold)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))

@@ -1,0 +1,318 @@
+"""Bad input as the user meets it: the ``wsss`` command exits with status 2 and
+one ``error:`` line naming the culprit (file, line, key or value) and what was
+expected. Unit-level cases live beside their modules (test_data, test_config,
+test_space, test_models, test_shards); docs/reliability.md maps every case to
+its test. The last section checks the security rules on the source itself.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from conftest import tiny_config_dict
+
+from orchestrator import launch
+from orchestrator.cli import main
+from training.synth import SynthConfig, generate
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = sorted(p for folder in ("training", "postproc", "orchestrator") for p in (REPO / folder).rglob("*.py"))
+
+
+def _wsss(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- images (wsss data check)
+
+
+@pytest.fixture(scope="module")
+def dataset_template(tmp_path_factory) -> Path:
+    return generate(SynthConfig(size=32, n_train=6, n_test=4, seed=5), tmp_path_factory.mktemp("data") / "ok")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width``×``height`` (no pixel data): a forged or giant file."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def _first(folder: Path) -> Path:
+    return sorted(folder.iterdir())[0]
+
+
+def _corrupt(root: Path) -> str:
+    path = _first(root / "train" / "smoke")
+    path.write_bytes(path.read_bytes()[:40])
+    return rf"{path.name}: not a readable image \(corrupt or unsupported format\); expected one of \.png"
+
+
+def _empty_class(root: Path) -> str:
+    for p in (root / "train" / "clean").iterdir():
+        p.unlink()
+    return r"train/clean is empty: expected a folder with images \(\.png"
+
+
+def _missing_mask(root: Path) -> str:
+    mask = _first(root / "test" / "masks")
+    mask.unlink()
+    return rf"images/{mask.stem}\.png has no mask: expected .*masks/{mask.stem}\.png \(0/255, same stem, \.png\)"
+
+
+def _mask_size(root: Path) -> str:
+    mask = _first(root / "test" / "masks")
+    cv2.imwrite(str(mask), np.zeros((16, 20), np.uint8))
+    return rf"{mask.name}: mask is 20×16 \(W×H\) but the image .* is 32×32; expected the same size"
+
+
+def _mask_values(root: Path) -> str:
+    mask = _first(root / "test" / "masks")
+    cv2.imwrite(str(mask), np.full((32, 32), 7, np.uint8))
+    return rf"{mask.name}: expected mask values \{{0, 255\}} \(or \{{0, 1\}}\), found unexpected values \[7\]"
+
+
+def _sixteen_bit(root: Path) -> str:
+    path = _first(root / "test" / "images")
+    cv2.imwrite(str(path), np.full((32, 32, 3), 1000, np.uint16))
+    return rf"{path.name}: expected 8-bit RGB, got uint16; convert it"
+
+
+def _huge(root: Path) -> str:
+    path = _first(root / "train" / "smoke")
+    path.write_bytes(_png_header(8000, 8000))  # checked on the header: nothing is decoded
+    return rf"{path.name}: 8000×8000 = 64000000 pixels, expected at most 50000000; cut it into windows"
+
+
+def _bomb(root: Path) -> str:
+    path = _first(root / "train" / "smoke")
+    path.write_bytes(_png_header(100_000, 100_000))
+    return rf"{path.name}: Image size \(10000000000 pixels\) exceeds limit .*cut it into windows"
+
+
+@pytest.mark.parametrize(
+    "breaks",
+    [_corrupt, _empty_class, _missing_mask, _mask_size, _mask_values, _sixteen_bit, _huge, _bomb],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_data_check_names_the_bad_file(dataset_template, tmp_path, capsys, breaks):
+    root = Path(shutil.copytree(dataset_template, tmp_path / "data"))
+    expected = breaks(root)
+    code, err = _wsss(capsys, "data", "check", str(root))
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert re.search(expected, err), err
+
+
+def test_grayscale_dataset_is_accepted(dataset_template, tmp_path, capsys):
+    root = Path(shutil.copytree(dataset_template, tmp_path / "data"))
+    for path in (root / "train" / "smoke").iterdir():
+        cv2.imwrite(str(path), cv2.imread(str(path), cv2.IMREAD_GRAYSCALE))
+    assert main(["data", "check", str(root)]) == 0
+
+
+# ---------------------------------------------------------------- configs (wsss validate, wsss trial)
+
+
+def _space(tmp_path: Path, **sections) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "base": tiny_config_dict(), **sections}, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        ({"gird": {}}, r"space\.yaml: gird: unknown section \(did you mean \"grid\"\?\); valid: name, description"),
+        ({"set": {"transfer.lamda": 0.5}}, r"transfer\.lamda: unknown key \(did you mean \"lam\"\?\); valid keys: "),
+        (
+            {"grid": {"transfer.paradigm": ["teacher-student"]}},
+            r"transfer\.paradigm: unknown paradigm 'teacher-student'.*baseline, co_training, teacher_student",
+        ),
+        ({"grid": {"transfer.metric,transfer.level": [["cosine", "logits"]]}}, r"metric=cosine.*level=logits"),
+        ({"grid": {"transfer.lam": [0.5, -1.0]}}, r"transfer\.lam: expected λ ≥ 0, got -1\.0"),
+        ({"set": {"cam.scales": []}}, r"cam\.scales: expected at least one scale, got \[\]"),
+        ({"resources": {"gpu": 1.5}}, r"resources\.gpu: a fraction is only allowed below 1 .*got 1\.5"),
+        ({"set": {"cam.method": "gradcamm"}}, r"cam\.method: unknown CAM method .*did you mean \"gradcam\""),
+        (
+            {"set": {"transfer.teacher_checkpoint": "/no/such/teacher.pt"}},
+            r"checkpoint file does not exist: transfer\.teacher_checkpoint=/no/such/teacher\.pt \(trial 000-base\)",
+        ),
+        (
+            {"grid": {"model.student.pretrained": ["false", "/no/vit.pth"]}},
+            r"model\.student\.pretrained=/no/vit\.pth \(trial 001-_no_vit\.pth\); expected a \.pt/\.pth",
+        ),
+    ],
+    ids=[
+        "unknown-section", "unknown-key", "unknown-paradigm", "metric-level", "negative-lambda", "empty-scales",
+        "gpu-fraction", "unknown-cam", "missing-teacher", "missing-pretrained",
+    ],
+)  # fmt: skip
+def test_validate_names_the_culprit(tmp_path, capsys, sections, expected):
+    code, err = _wsss(capsys, "validate", str(_space(tmp_path, **sections)))
+    assert code == 2 and err.startswith("error: "), err
+    assert re.search(expected, err), err
+
+
+def test_yaml_syntax_error_gives_file_line_and_column(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nbase: {}\ngrid:\n  transfer.lam: [1.0, 2.0\n")
+    code, err = _wsss(capsys, "validate", str(path))
+    assert code == 2 and f"error: {path}:5:1: YAML syntax error" in err, err
+
+
+def test_trial_override_typo_is_refused_before_training(tmp_path, capsys, synth_root):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config_dict(synth_root)))
+    code, err = _wsss(capsys, "trial", str(cfg), "train.epoch=3", "--out", str(tmp_path / "out"))
+    assert code == 2 and 'train.epoch: unknown key (did you mean "epochs"?)' in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_file_that_is_not_a_checkpoint_is_named(tmp_path, capsys, synth_root):
+    junk = tmp_path / "weights.pt"
+    junk.write_bytes(b"these are not weights")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config_dict(synth_root)))
+    code, err = _wsss(capsys, "trial", str(cfg), f"model.student.pretrained={junk}", "--out", str(tmp_path / "o"))
+    assert code == 2 and str(junk) in err and "not a readable checkpoint" in err, err
+    assert not (tmp_path / "o" / "checkpoint").exists()
+
+
+# ---------------------------------------------------------------- resources and storage (fail fast)
+
+
+def _fake_cluster(monkeypatch, nodes: list[dict]) -> list[str]:
+    """Replace the Ray start with a fake cluster; returns the log of calls that would train."""
+    import ray
+
+    from orchestrator import sweep as sw
+
+    monkeypatch.setattr(launch, "_init_ray", lambda *a: None)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in nodes])
+    trained: list[str] = []
+    monkeypatch.setattr(sw, "prepare", lambda *a, **k: trained.append("prepare"))
+    return trained
+
+
+@pytest.mark.parametrize(
+    ("nodes", "resources", "expected"),
+    [
+        (
+            [{"CPU": 2.0}],
+            {"cpu": 4},
+            r"resources: each trial asks for cpu=4\.0, gpu=0\.0, but the largest node has cpu=2, gpu=0; "
+            r"no trial could ever start",
+        ),
+        ([{"CPU": 8.0}], {"cpu": 1, "gpu": 1}, r"largest node has cpu=8, gpu=0"),
+        (
+            [{"CPU": 8.0}, {"CPU": 8.0}],
+            {"cpu": 1},
+            r"the Ray cluster has 2 nodes but --storage is a local path.*--storage-is-shared",
+        ),
+    ],
+    ids=["too-many-cpus", "no-gpu", "multi-node-local-storage"],
+)
+def test_impossible_cluster_fails_before_any_training(tmp_path, monkeypatch, capsys, nodes, resources, expected):
+    trained = _fake_cluster(monkeypatch, nodes)
+    monkeypatch.chdir(tmp_path)
+    code, err = _wsss(capsys, "sweep", str(_space(tmp_path, resources=resources)))
+    assert code == 2 and re.search(expected, err), err
+    assert trained == []
+
+
+# ---------------------------------------------------------------- security
+
+
+def _calls(attr_owner: str, names: set[str]):
+    """(file, call node) for every ``attr_owner.<name>(...)`` call in the project's sources."""
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            func = getattr(node, "func", None)
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(func, ast.Attribute)
+                and func.attr in names
+                and isinstance(func.value, ast.Name)
+                and func.value.id == attr_owner
+            ):
+                yield path.relative_to(REPO), node
+
+
+def _keyword(node: ast.Call, name: str):
+    found = [k.value for k in node.keywords if k.arg == name]
+    return found[0].value if found and isinstance(found[0], ast.Constant) else None
+
+
+def test_checkpoints_load_with_weights_only():
+    loads = list(_calls("torch", {"load"}))
+    assert loads, "expected torch.load calls to check"
+    assert [(str(p), n.lineno) for p, n in loads if _keyword(n, "weights_only") is not True] == []
+
+
+def test_arrays_load_without_pickle():
+    assert [(str(p), n.lineno) for p, n in _calls("np", {"load"}) if _keyword(n, "allow_pickle") is True] == []
+
+
+def test_yaml_is_read_with_the_safe_loader():
+    unsafe = {"load", "load_all", "full_load", "full_load_all", "unsafe_load", "unsafe_load_all"}
+    assert [(str(p), n.lineno) for p, n in _calls("yaml", unsafe)] == []
+
+
+def test_no_shell_strings():
+    shells = [(str(p), n.lineno) for p, n in _calls("os", {"system", "popen"})]
+    for module in ("subprocess",):
+        calls = _calls(module, {"run", "Popen", "call", "check_call", "check_output"})
+        shells += [(str(p), n.lineno) for p, n in calls if _keyword(n, "shell") is True]
+    assert shells == []
+
+
+def test_ui_binds_to_loopback(monkeypatch, tmp_path):
+    import os
+
+    seen = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: seen.append(argv))
+    monkeypatch.chdir(tmp_path)
+    assert main(["ui", "--port", "5123"]) == 0
+    (argv,) = seen
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+
+
+def test_a_sweep_name_is_not_reused_for_another_space(tmp_path, monkeypatch, capsys):
+    """A sweep resumes (and Tune restores) only ``<storage>/<name>``, and only for its own space."""
+    _fake_cluster(monkeypatch, [{"CPU": 2.0}])
+    from orchestrator import sweep as sw
+
+    monkeypatch.chdir(tmp_path)
+    first = _space(tmp_path, grid={"transfer.lam": [0.5, 1.0]})
+    sw.plan(_load(first), "bad", Path("runs"), _uri(tmp_path))  # the first sweep of this name
+    other = _space(tmp_path, grid={"transfer.lam": [2.0]})
+    code, err = _wsss(capsys, "sweep", str(other))
+    assert code == 2 and f"sweep folder {tmp_path / 'runs' / 'bad'} holds another search space" in err, err
+    code, err = _wsss(capsys, "sweep", str(other), "--name", "never-ran", "--resume")
+    assert code == 2 and "--resume: no sweep at" in err, err
+
+
+def _load(path: Path):
+    from orchestrator.space import load_space
+
+    return load_space(path)
+
+
+def _uri(folder: Path) -> str:
+    from orchestrator.tracking import default_tracking_uri
+
+    return default_tracking_uri(folder)
