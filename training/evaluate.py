@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from training.cams import multiscale_cams_and_logits
 from training.config import CamConfig
-from training.metrics import accuracy, cam_scores, masks_at, miou
+from training.metrics import accuracy, cam_scores, masks_at, miou, subset_accuracy
 from training.models import Backbone
 
 
@@ -37,15 +37,16 @@ class EvalSet:
     dataset: object  # a training.data.TestDataset
     gts: list[np.ndarray]  # H×W bool smoke masks
     contexts: list[np.ndarray | None]  # H×W bool co-occurring-object masks
+    subsets: list[str] | None = None  # e.g. "coupled" / "decoupled" (synthetic manifest), per image
 
     @classmethod
-    def load(cls, dataset) -> EvalSet:
+    def load(cls, dataset, subsets: list[str] | None = None) -> EvalSet:
         gts, ctxs = [], []
         for i in range(len(dataset)):
             _, mask, ctx = dataset.load_eval(i)
             gts.append(mask)
             ctxs.append(ctx)
-        return cls(dataset, gts, ctxs)
+        return cls(dataset, gts, ctxs, subsets)
 
 
 @torch.no_grad()
@@ -81,8 +82,12 @@ def _resize(cam: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def score(camset: CamSet, evalset: EvalSet, threshold: float) -> dict[str, float]:
-    """Every CAM metric of `training.metrics.cam_scores` for this set."""
-    return cam_scores(camset.cams, evalset.gts, evalset.contexts, camset.logits, camset.labels, threshold=threshold)
+    """Every CAM metric of `training.metrics.cam_scores` for this set, plus the
+    accuracy per test subset when the dataset names them (coupled / decoupled)."""
+    scores = cam_scores(camset.cams, evalset.gts, evalset.contexts, camset.logits, camset.labels, threshold=threshold)
+    if evalset.subsets is not None:
+        scores |= subset_accuracy(camset.logits, camset.labels, evalset.subsets)
+    return scores
 
 
 @torch.no_grad()

@@ -61,8 +61,20 @@ def prepare_data(cfg: DataConfig, cache: Path | None = None) -> Path:
 
 def load_splits(cfg: DataConfig, root: Path) -> tuple[TrainDataset, EvalSet]:
     train = TrainDataset(scan_train(root), image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, augment=cfg.augment)
-    test = TestDataset(scan_test(root), image_size=cfg.image_size, mean=cfg.mean, std=cfg.std)
-    return train, EvalSet.load(test)
+    items = scan_test(root)
+    test = TestDataset(items, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std)
+    return train, EvalSet.load(test, test_subsets(root, [item.id for item in items]))
+
+
+def test_subsets(root: Path, ids: list[str]) -> list[str] | None:
+    """Each test image's subset from the synthetic ``manifest.json``; None for real data
+    (no manifest) or when the manifest does not list every image."""
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        return None
+    listed = {entry["id"]: entry.get("subset") for entry in json.loads(path.read_text()).get("test", [])}
+    subsets = [listed.get(i) for i in ids]
+    return subsets if all(subsets) else None
 
 
 # ---------------------------------------------------------------- the teacher
