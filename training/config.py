@@ -186,8 +186,7 @@ class TrialConfig:
     def digest(self, *sections: str) -> str:
         """A short stable hash of the whole config, or of the named sections only."""
         d = self.to_dict()
-        picked = {s: _dig(d, s) for s in sections} if sections else d
-        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
+        return config_digest({s: _dig(d, s) for s in sections} if sections else d)
 
     def replace(self, **overrides: Any) -> TrialConfig:
         """A copy with dotted-key overrides, e.g. ``replace(**{"transfer.lam": 0.5})``."""
@@ -195,6 +194,11 @@ class TrialConfig:
         for key, value in overrides.items():
             _set_dotted(d, key, value)
         return from_dict(TrialConfig, d)
+
+
+def config_digest(data: dict[str, Any]) -> str:
+    """A short stable hash of plain config data (cache keys for data and teachers)."""
+    return hashlib.sha256(json.dumps(_plain(data), sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------- building

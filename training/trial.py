@@ -8,6 +8,7 @@ with its resolved config and give the same metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from training.config import DataConfig, TrialConfig, save_config
+from training.config import DataConfig, TrialConfig, config_digest, save_config
 from training.data import TestDataset, TrainDataset, scan_test, scan_train
 from training.errors import DataError
 from training.evaluate import EvalSet, extract_cams, quick_eval, save_gallery, score
@@ -52,9 +53,7 @@ def prepare_data(cfg: DataConfig, cache: Path | None = None) -> Path:
         if not root.is_dir():
             raise DataError(f"data.root: {root} is not a folder; expected train/ and test/ inside")
         return root
-    from training.config import TrialConfig as _T  # digest helper lives on the trial config
-
-    key = _T(data=cfg).digest("data.synth")
+    key = config_digest({"data.synth": dataclasses.asdict(cfg.synth)})
     root = Path(cfg.root).expanduser().resolve() if cfg.root else (cache or cache_root()) / "synth" / key
     return generate(cfg.synth, root)
 
