@@ -135,6 +135,7 @@ def run_refine(args) -> int:
 def run_tables(args) -> int:
     from orchestrator.tables import read_tables
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stdout to the tables
     tables = read_tables(_tracking_uri(args.tracking_uri), args.name)
     if not tables:
         raise ConfigError(f"sweep {args.name!r}: no tables logged yet (has any trial finished?)")
