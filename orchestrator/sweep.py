@@ -297,7 +297,3 @@ def publish_tables(space: SearchSpace, root: Path, tracking: SweepTracking) -> d
 
 def mark_done(root: Path, outcome: SweepOutcome) -> None:
     atomic_write_text(root / "done.json", json.dumps({"finished": outcome.finished, "total": outcome.total}))
-
-
-def os_cpu_count() -> int:
-    return os.cpu_count() or 1
