@@ -67,7 +67,8 @@ def time_fanout(units: list, actors: int) -> dict[str, float]:
     loop = time.perf_counter() - start
     shutil.rmtree(units[0].trial_dir / "refine")
     start = time.perf_counter()
-    ray.init(num_cpus=actors, include_dashboard=False, object_store_memory=200_000_000, log_to_driver=False)
+    ray.init(address="local", num_cpus=actors, include_dashboard=False, object_store_memory=200_000_000,
+             log_to_driver=False)  # fmt: skip
     init = time.perf_counter() - start
     try:
         start = time.perf_counter()

@@ -49,6 +49,34 @@ def add_sweep_commands(sub) -> None:
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--tracking-uri", help="backend store (default: sqlite:///<cwd>/mlflow.db)")
     u.set_defaults(run=run_ui)
+    add_services_commands(sub)
+
+
+def add_services_commands(sub) -> None:
+    """``wsss services up|down|status|screenshot``: a local Ray head and MLflow server on 127.0.0.1."""
+    from orchestrator.services import Ports
+
+    d = Ports()
+    svc = sub.add_parser("services", help="start/stop a local Ray head (Jobs API) and MLflow server on 127.0.0.1")
+    cmds = svc.add_subparsers(title="services commands")
+    up = cmds.add_parser("up", help="start both (or one) and wait until they answer")
+    up.add_argument("--only", choices=["ray", "mlflow"], help="start only this service")
+    up.add_argument("--ray-port", type=int, default=d.ray, help=f"Ray GCS port (default {d.ray})")
+    up.add_argument("--dashboard-port", type=int, default=d.dashboard, help=f"Jobs API (default {d.dashboard})")
+    up.add_argument("--client-port", type=int, default=d.client, help=f"Ray Client server (default {d.client})")
+    up.add_argument("--mlflow-port", type=int, default=d.mlflow, help=f"MLflow server (default {d.mlflow})")
+    up.add_argument("--num-cpus", type=int, help="CPUs the Ray head offers (default: all)")
+    up.add_argument("--mlflow-store", type=Path, help="sqlite database + artifacts folder (default: DIR/mlflow)")
+    down = cmds.add_parser("down", help="stop exactly the processes `up` started")
+    status = cmds.add_parser("status", help="what runs, where, and how to submit to it")
+    shot = cmds.add_parser("screenshot", help="save a headless-Chromium picture of a sweep's parent run in the UI")
+    shot.add_argument("name", help="sweep name")
+    shot.add_argument("--out", type=Path, required=True, help="PNG to write")
+    shot.add_argument("--tracking-uri", help="http:// MLflow server (default: the one `up` started)")
+    for p, run in ((up, run_services_up), (down, run_services_down), (status, run_services_status),
+                   (shot, run_services_screenshot)):  # fmt: skip
+        p.add_argument("--dir", type=Path, default=Path(".wsss"), help="state, logs and env.sh (default: ./.wsss)")
+        p.set_defaults(run=run)
 
 
 def _tracking_uri(given: str | None) -> str:
@@ -80,10 +108,11 @@ def run_validate(args) -> int:
 
 
 def run_sweep_command(args) -> int:
-    from orchestrator.launch import print_outcome, require_space_match, run_sweep
+    from orchestrator.launch import check_job_outputs, print_outcome, require_space_match, run_sweep
     from orchestrator.space import load_space
     from orchestrator.sweep import sweep_root
 
+    check_job_outputs(args.storage, bool(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
     space = load_space(args.space, args.overrides)
     name = args.name or space.name
     if args.resume:
@@ -94,7 +123,7 @@ def run_sweep_command(args) -> int:
             space,
             name=name,
             storage=args.storage,
-            tracking_uri=_tracking_uri(args.tracking_uri),
+            tracking_uri=(uri := _tracking_uri(args.tracking_uri)),
             address=args.address,
             storage_is_shared=args.storage_is_shared,
             num_cpus=args.num_cpus,
@@ -104,8 +133,18 @@ def run_sweep_command(args) -> int:
         return 130
     print_outcome(outcome, command=command)
     if outcome.complete:
-        print("\nbrowse every run:  wsss ui   (then open http://127.0.0.1:5000)")
+        print(f"\n{_browse_hint(uri, name)}")
     return 0 if outcome.complete else 3
+
+
+def _browse_hint(uri: str, name: str) -> str:
+    """Where to look next: the parent run's page on a server, else how to start the UI."""
+    if not uri.startswith("http"):
+        return "browse every run:  wsss ui   (then open http://127.0.0.1:5000)"
+    from orchestrator.tracking import SweepTracking
+
+    tracking = SweepTracking.find(uri, name)
+    return f"browse the sweep:  {run_page_url(uri, tracking.experiment_id, tracking.parent_run_id)}"
 
 
 def run_refine(args) -> int:
@@ -179,3 +218,54 @@ def resolve_sweep_trial(name: str, trial_id: str | None, storage: Path | None) -
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(json.loads(json.dumps(trials[trial_id]["config"])), sort_keys=False))
     return out, trials[trial_id]["config"]["transfer"]["teacher_checkpoint"] or None
+
+
+# ---------------------------------------------------------------- services
+
+
+def run_services_up(args) -> int:
+    from orchestrator import services as sv
+
+    ports = sv.Ports(args.ray_port, args.dashboard_port, args.client_port, args.mlflow_port)
+    started = sv.up(args.dir, ports=ports, ray=args.only in (None, "ray"), mlflow=args.only in (None, "mlflow"),
+                    num_cpus=args.num_cpus, mlflow_store=args.mlflow_store)  # fmt: skip
+    print("\n".join(sv.describe(started)))
+    print(f"environment for clients: source {args.dir / sv.ENV_FILE}")
+    print(f"stop them with: wsss services down --dir {args.dir}")
+    return 0
+
+
+def run_services_down(args) -> int:
+    from orchestrator import services as sv
+
+    print("\n".join(sv.down(args.dir)))
+    return 0
+
+
+def run_services_status(args) -> int:
+    from orchestrator import services as sv
+
+    found = sv.load_state(args.dir)
+    print("\n".join(sv.describe(found)) or f"no services recorded in {args.dir}")
+    return 0 if found and all(s.alive() for s in found.values()) else 1
+
+
+def run_services_screenshot(args) -> int:
+    from orchestrator import services as sv
+    from orchestrator.browser import capture
+    from orchestrator.tracking import SweepTracking
+
+    server = sv.load_state(args.dir).get("mlflow")
+    uri = args.tracking_uri or (server.url if server else os.environ.get("MLFLOW_TRACKING_URI"))
+    if not uri or not uri.startswith("http"):
+        raise ConfigError(f"--tracking-uri: need the http:// URL of an MLflow server, got {uri!r} (wsss services up)")
+    tracking = SweepTracking.find(uri, args.name)
+    url = run_page_url(uri, tracking.experiment_id, tracking.parent_run_id)
+    shot = capture(url, args.out, expect=(f"sweep:{args.name}", "trials finished"), click=("Show more",))
+    print(f"{shot.png}: {url}")
+    return 0
+
+
+def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of one run, in the UI's model-training view."""
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"

@@ -52,6 +52,7 @@ def run_sweep(
         outcome = _outcome(space, name, root, ctx)
         if outcome.complete and space.refine:
             outcome.tables |= _refine_once(space, root, ctx, address=address, num_cpus=num_cpus)
+        _summarise(space, name, root, ctx, outcome)
         return outcome
     ctx = None
     _init_ray(address, num_cpus, root)
@@ -63,6 +64,7 @@ def run_sweep(
             outcome = _outcome(space, name, root, ctx)
             if outcome.complete and space.refine:
                 outcome.tables |= _refine_once(space, root, ctx)
+            _summarise(space, name, root, ctx, outcome)
         except BaseException as err:
             _close_runs_after(err, ctx, tracking_uri, name)
             raise
@@ -73,6 +75,18 @@ def run_sweep(
     if not outcome.complete:
         ctx.tracking.close_dangling("KILLED")
     return outcome
+
+
+def _summarise(space: SearchSpace, name: str, root: Path, ctx: sw.SweepContext, outcome: sw.SweepOutcome) -> None:
+    """The parent run's description and best metrics in MLflow (what the UI shows first)."""
+    from orchestrator.summary import describe_sweep
+
+    rows = sw.result_rows(root)
+    if rows:
+        describe_sweep(
+            ctx.tracking, description=sw.sweep_description(space, name, outcome.total), rows=rows,
+            total=outcome.total, failed=outcome.failed, tables=outcome.tables,
+        )  # fmt: skip
 
 
 def _refine_once(space: SearchSpace, root: Path, ctx: sw.SweepContext, **ray_args) -> dict[str, str]:
@@ -177,10 +191,14 @@ def _init_ray(address: str | None, num_cpus: int | None, root: Path) -> None:
     # Per-epoch checkpoints are small and frequent by design; Tune's warning about them is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     env |= {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
+    address = address or _job_cluster()
+    if address:  # workers' logs stay on their nodes, as below (Tune reports a failing trial's error)
+        ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING", log_to_driver=False)
         return
     ray.init(
+        # "local": a new instance even while a `ray start` cluster runs on this machine (which a
+        # bare ray.init() would join, and then refuse num_cpus).
+        address="local",
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,
         object_store_memory=300 * 1024 * 1024,  # trials pass paths, not arrays
@@ -190,6 +208,45 @@ def _init_ray(address: str | None, num_cpus: int | None, root: Path) -> None:
         # folder; a failing trial is still reported by Tune with its error file.
         log_to_driver=False,
     )
+
+
+def _job_cluster() -> str | None:
+    """Inside `ray job submit`, Ray sets RAY_ADDRESS to the cluster's GCS: join it, do not start one."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"RAY_ADDRESS={address} is a dashboard (Jobs API) address; a sweep joins a cluster by its GCS "
+            "address (--address host:port) or runs inside `ray job submit --address <that URL> -- wsss sweep ...`"
+        )
+    return address or None
+
+
+def in_ray_job() -> bool:
+    """True in the driver of a job submitted with a working_dir (its cwd is a temporary copy)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return False
+    try:
+        return bool(json.loads(raw).get("runtime_env", {}).get("working_dir"))
+    except ValueError:
+        return False
+
+
+def check_job_outputs(storage: Path, tracking_uri_given: bool) -> None:
+    """Refuse outputs that would vanish with a job's temporary working directory."""
+    if not in_ray_job():
+        return
+    if not storage.is_absolute():
+        raise ConfigError(
+            f"--storage {storage}: inside a Ray job the working directory is a temporary copy that Ray "
+            "deletes; give an absolute path every node can reach (shared storage on a multi-node cluster)"
+        )
+    if not tracking_uri_given:
+        raise ConfigError(
+            "--tracking-uri: inside a Ray job the default (sqlite in the working directory) would be deleted "
+            "with it; pass the MLflow server, e.g. --tracking-uri http://127.0.0.1:5000 "
+            "(or set MLFLOW_TRACKING_URI; `wsss services up` sets it for its jobs)"
+        )
 
 
 def _check_cluster(space: SearchSpace, storage_is_shared: bool) -> None:

@@ -101,6 +101,7 @@ class UnitResult:
     attempts: int = 0
     seconds: float = 0.0
     error: str | None = None
+    node: str = ""  # the Ray node that refined it ("" when skipped or run without Ray)
 
 
 def pipeline_key(spec: Sequence[Mapping[str, Any]]) -> str:
@@ -193,8 +194,15 @@ def attempt_unit(unit: RefineUnit, pipelines: dict[str, Pipeline]) -> dict[str, 
             pipelines[unit.key] = Pipeline.from_spec(unit.spec)
         images = run_unit(unit, pipelines[unit.key])
     except Exception as err:  # one bad unit must not stop the others; reported by name at the end
-        return {"status": FAILED, "error": f"{type(err).__name__}: {err}"}
-    return {"status": DONE, "images": images, "seconds": time.perf_counter() - start}
+        return {"status": FAILED, "error": f"{type(err).__name__}: {err}", "node": node_id()}
+    return {"status": DONE, "images": images, "seconds": time.perf_counter() - start, "node": node_id()}
+
+
+def node_id() -> str:
+    """This process's Ray node id, or "" outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def write_masks(path: Path, ids: Sequence[str], masks: Sequence[np.ndarray]) -> None:
@@ -220,13 +228,15 @@ def read_masks(path: Path) -> dict[str, np.ndarray]:
 
 def collect(unit: RefineUnit, reply: Mapping[str, Any], attempts: int) -> UnitResult:
     """The unit's result, its counts read back from the counts file."""
+    node = reply.get("node", "")
     if reply["status"] == FAILED:
-        return UnitResult(unit, FAILED, attempts=attempts, error=reply["error"])
+        return UnitResult(unit, FAILED, attempts=attempts, error=reply["error"], node=node)
     record = read_counts(unit)
     if record is None:
-        return UnitResult(unit, FAILED, attempts=attempts, error=f"no valid counts file {unit.counts_path}")
+        return UnitResult(unit, FAILED, attempts=attempts, error=f"no valid counts file {unit.counts_path}", node=node)
     counter = IoUCounter.from_dict(record["counter"])
-    return UnitResult(unit, reply["status"], counter, len(record["images"]), attempts, reply.get("seconds", 0.0))
+    seconds = reply.get("seconds", 0.0)
+    return UnitResult(unit, reply["status"], counter, len(record["images"]), attempts, seconds, node=node)
 
 
 
@@ -249,10 +259,12 @@ class RefineWorker:
 
 def actor_options(kind: str) -> dict[str, Any]:
     """Ray options of a CPU or GPU refinement actor (restarts are handled by the dispatcher)."""
+    # SPREAD: on a cluster the pool fans out over the nodes instead of filling the first one.
     if kind == GPU:
-        return {"num_cpus": 1, "num_gpus": 1, "max_restarts": 0}
+        return {"num_cpus": 1, "num_gpus": 1, "max_restarts": 0, "scheduling_strategy": "SPREAD"}
     # Ray lets an actor with num_gpus=0 see every GPU unless the variable is emptied.
-    return {"num_cpus": 1, "num_gpus": 0, "max_restarts": 0, "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
+    hide_gpus = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
+    return {"num_cpus": 1, "num_gpus": 0, "max_restarts": 0, "runtime_env": hide_gpus, "scheduling_strategy": "SPREAD"}
 
 
 @dataclass
@@ -355,7 +367,7 @@ def _ensure_ray(need_gpus: bool) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+        ray.init(address="local", include_dashboard=False)  # never join a `ray start` cluster by accident
     if need_gpus and ray.cluster_resources().get("GPU", 0) < 1:
         raise ConfigError("gpu_actors: the Ray cluster has no GPU; SAM pipelines need one (or `ray.init(num_gpus=…)`)")
 

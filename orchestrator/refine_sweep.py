@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,15 @@ def refine_sweep(
     )
     run_ids = {t: run.info.run_id for t in chosen if (run := tracking.find_child(t)) is not None}
     tables = log_refinement(tracking, summarise(results), run_ids)
-    atomic_write_text(root / MARKER, json.dumps({"section": section, "trials": chosen, "tables": tables}))
+    # Which node refined which unit: on a cluster, where the work went (and where to look for logs).
+    nodes = {str(r.unit): r.node for r in results if r.node}
+    if nodes:
+        spread = Counter(nodes.values())
+        tracking.tracker(tracking.parent_run_id).set_tags(
+            {"wsss.refine_nodes": ", ".join(f"{node[:12]}: {n} units" for node, n in spread.most_common())}
+        )
+    marker = {"section": section, "trials": chosen, "tables": tables, "nodes": nodes}
+    atomic_write_text(root / MARKER, json.dumps(marker))
     return tables
 
 

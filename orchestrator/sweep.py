@@ -90,6 +90,7 @@ def sweep_trainable(config: dict[str, Any], context: SweepContext) -> None:
     run_id = context.run_ids[trial_id]  # created by the driver, never by racing trials
     tracker = JournalingTracker(context.tracking.tracker(run_id), out / JOURNAL, offline=down)
     tracker.set_status("RUNNING")  # a retried or restored trial reopens its run
+    tracker.set_tags(_placement())
     checkpoint = tune.get_checkpoint()
     resume = Path(checkpoint.to_directory()) if checkpoint else None
     last: dict[str, float] = {}
@@ -112,6 +113,14 @@ def sweep_trainable(config: dict[str, Any], context: SweepContext) -> None:
         raise
     tune.report(last | final)
     tracker.set_status("FINISHED")
+
+
+def _placement() -> dict[str, str]:
+    """Where this trial runs: on a cluster, the node to look at for its logs and its GPU."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"ray.node_id": ctx.get_node_id(), "ray.node_ip": ray.util.get_node_ip_address()}
 
 
 def _refuse_if_diverged(out: Path) -> None:
@@ -175,7 +184,7 @@ def prepare(
     """
     root = sweep_root(storage, name)
     trials = plan(space, name, storage, tracking_uri) if trials is None else trials
-    description = space.description or f"Sweep `{name}` from {space.source.name}: {len(trials)} trials."
+    description = sweep_description(space, name, len(trials))
     tracking = SweepTracking.open(tracking_uri, EXPERIMENT, name, space=space.raw, description=description)
     cache = cache_root()
     trials = _with_teachers(trials, root, cache)
@@ -285,6 +294,11 @@ def failure_reason(root: Path, trial_id: str) -> str:
     """Why a failed trial stopped, from its ``diverged.json``."""
     marker = Path(root) / "trials" / trial_id / DIVERGED
     return json.loads(marker.read_text())["reason"] if marker.is_file() else "unknown"
+
+
+def sweep_description(space: SearchSpace, name: str, n_trials: int) -> str:
+    """The sweep file's description, or a plain one."""
+    return space.description or f"Sweep `{name}` from {space.source.name}: {n_trials} trials."
 
 
 def publish_tables(space: SearchSpace, root: Path, tracking: SweepTracking) -> dict[str, str]:

@@ -298,7 +298,9 @@ def plot_heatmap(table: Pivot, out: Path) -> Path:
             cell = table.cells.get((rk, ck))
             if cell is not None:
                 grid[i, j] = cell.mean
-    fig = _figure(1.6 + 1.3 * max(1, grid.shape[1]), 1.2 + 0.6 * max(1, grid.shape[0]))
+    title = f"{table.spec.name}: {table.spec.value}"
+    # Wide enough for the title too (a one-column table would clip it).
+    fig = _figure(max(1.6 + 1.3 * max(1, grid.shape[1]), 1.2 + 0.09 * len(title)), 1.2 + 0.6 * max(1, grid.shape[0]))
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
     fig.colorbar(image, ax=ax)
@@ -308,7 +310,7 @@ def plot_heatmap(table: Pivot, out: Path) -> Path:
                     color="black", bbox={"facecolor": "white", "alpha": 0.6, "lw": 0})
     ax.set_xticks(range(len(table.col_keys)), table.column_labels(), rotation=30, ha="right")
     ax.set_yticks(range(len(table.row_keys)), [" ".join(_label(v) for v in rk) for rk in table.row_keys])
-    ax.set_title(f"{table.spec.name}: {table.spec.value}")
+    ax.set_title(title)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ ROLE_TAG = "wsss.role"
 TRIAL_TAG = "wsss.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 # MLflow 3.17 accepts 6000 characters, older servers 500: stay within what every server takes.
@@ -399,7 +400,9 @@ def _get_or_create_experiment(client, uri: str, name: str) -> str:
         return found.experiment_id
     root = default_artifact_root(uri)
     location = f"{root}/{_slug(name)}" if root else None
-    return client.create_experiment(name, artifact_location=location)
+    # Model-training experiment: the UI opens on runs, metrics and artifacts (not its GenAI views).
+    kind = {EXPERIMENT_KIND_TAG: "custom_model_development"}
+    return client.create_experiment(name, artifact_location=location, tags=kind)
 
 
 def _slug(name: str) -> str:

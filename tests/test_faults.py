@@ -400,7 +400,7 @@ def test_sigkilled_refinement_actor_costs_only_its_unit(tmp_path, monkeypatch, s
         killed.update(index=index, pid=pid)
 
     monkeypatch.setattr(refine_actors._Dispatcher, "_feed", feed_then_sigkill)
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200_000_000, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200_000_000, log_to_driver=False)
     try:
         units = make_units({"trial-a": tmp_path / "killed" / "trial-a"}, [CRF])  # 3 shards × (seed, CRF)
         results = refine_units(units, cpu_actors=2, progress=False)

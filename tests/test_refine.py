@@ -173,7 +173,7 @@ def _table(rows) -> dict:
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200_000_000, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200_000_000, log_to_driver=False)
     yield ray
     ray.shutdown()
 
