@@ -128,6 +128,9 @@ def main() -> None:
     print("where the sweep's wall time went (s): " + ", ".join(f"{k.strip('_')} {v:.2f}" for k, v in phases.items())
           + f", other (ray.shutdown, checks) {rest:.2f}")
     print(f"goal: wall ≤ 1.15 × sum/k: {'met' if wall / ideal <= 1.15 else 'NOT met'} ({wall / ideal:.2f})")
+    # The same wall time against the trials' own in-sweep times: how well the slots were kept busy,
+    # without the slowdown two trials cause each other on shared cores and memory.
+    print(f"packing (scheduling) efficiency: wall / (in-sweep sum / k) = {wall / ideal_inside:.2f}")
 
 
 if __name__ == "__main__":

@@ -233,3 +233,22 @@ def test_nan_loss_raises_with_epoch(make_config, tmp_path: Path, monkeypatch: py
 def test_cache_env_is_isolated(wsss_cache: Path) -> None:
     assert os.environ["WSSS_CACHE"] == str(wsss_cache)
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+
+
+def test_per_epoch_miou_uses_the_trials_cam_method(make_config, tmp_path: Path, monkeypatch) -> None:
+    """The per-epoch curve (what an ASHA scheduler reads) is scored with the same CAM as the final metrics."""
+    import training.evaluate as evaluate
+
+    seen = []
+    real = evaluate.extract_cams
+
+    def spy(net, evalset, cfg, *args, **kwargs):
+        seen.append((cfg.method, tuple(cfg.scales)))
+        return real(net, evalset, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "extract_cams", spy)
+    cfg = make_config(**{"cam.method": "gradcam", "train.epochs": 1})
+    tracker = RecordingTracker()
+    run_trial(cfg, tmp_path / "gradcam", tracker=tracker)
+    assert seen[0] == ("gradcam", (1.0,))  # the epoch's quick evaluation
+    assert "test_miou_1x" in tracker.metrics[0][1]

@@ -92,10 +92,16 @@ def score(camset: CamSet, evalset: EvalSet, threshold: float) -> dict[str, float
 
 @torch.no_grad()
 def quick_eval(
-    net: Backbone, evalset: EvalSet, device: torch.device, *, batch_size: int, threshold: float, num_workers: int = 0
+    net: Backbone, evalset: EvalSet, device: torch.device, *, batch_size: int, threshold: float, num_workers: int = 0,
+    method: str = "weight",
 ) -> dict[str, float]:
-    """Cheap per-epoch numbers: accuracy and single-scale weight-CAM mIoU (one forward per batch)."""
-    cfg = CamConfig(scales=(1.0,), batch_size=batch_size)
+    """Cheap per-epoch numbers: accuracy and single-scale mIoU with the trial's CAM method.
+
+    The weight CAM costs one forward per batch; Grad-CAM adds a backward. Using the trial's
+    method keeps the per-epoch curve (and an ASHA scheduler reading it) on the same CAM as the
+    final metrics.
+    """
+    cfg = CamConfig(method=method, scales=(1.0,), batch_size=batch_size)
     camset = extract_cams(net, evalset, cfg, device, num_workers=num_workers)
     smoke = [i for i, g in enumerate(evalset.gts) if g.any()]
     preds = masks_at([camset.cams[i] for i in smoke], threshold)

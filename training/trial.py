@@ -180,7 +180,7 @@ def run_trial(
         metrics = train_epoch(model, loader, opt, sched, cfg.train, device, epoch=epoch, teacher_features=features)
         metrics |= quick_eval(
             model.cam_net, evalset, device, batch_size=cfg.cam.batch_size, threshold=cfg.cam.threshold,
-            num_workers=workers,
+            num_workers=workers, method=cfg.cam.method,
         )  # fmt: skip
         metrics["epoch"] = epoch + 1
         ckpt = save_state(out / "checkpoint", model, opt, sched, epoch + 1)
