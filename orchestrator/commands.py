@@ -141,10 +141,7 @@ def _browse_hint(uri: str, name: str) -> str:
     """Where to look next: the parent run's page on a server, else how to start the UI."""
     if not uri.startswith("http"):
         return "browse every run:  wsss ui   (then open http://127.0.0.1:5000)"
-    from orchestrator.tracking import SweepTracking
-
-    tracking = SweepTracking.find(uri, name)
-    return f"browse the sweep:  {run_page_url(uri, tracking.experiment_id, tracking.parent_run_id)}"
+    return f"browse the sweep:  {sweep_page_url(uri, name)}"
 
 
 def run_refine(args) -> int:
@@ -253,17 +250,23 @@ def run_services_status(args) -> int:
 def run_services_screenshot(args) -> int:
     from orchestrator import services as sv
     from orchestrator.browser import capture
-    from orchestrator.tracking import SweepTracking
 
     server = sv.load_state(args.dir).get("mlflow")
     uri = args.tracking_uri or (server.url if server else os.environ.get("MLFLOW_TRACKING_URI"))
     if not uri or not uri.startswith("http"):
         raise ConfigError(f"--tracking-uri: need the http:// URL of an MLflow server, got {uri!r} (wsss services up)")
-    tracking = SweepTracking.find(uri, args.name)
-    url = run_page_url(uri, tracking.experiment_id, tracking.parent_run_id)
+    url = sweep_page_url(uri, args.name)
     shot = capture(url, args.out, expect=(f"sweep:{args.name}", "trials finished"), click=("Show more",))
     print(f"{shot.png}: {url}")
     return 0
+
+
+def sweep_page_url(tracking_uri: str, name: str) -> str:
+    """The MLflow UI page of a sweep's parent run."""
+    from orchestrator.tracking import SweepTracking
+
+    tracking = SweepTracking.find(tracking_uri, name)
+    return run_page_url(tracking_uri, tracking.experiment_id, tracking.parent_run_id)
 
 
 def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:

@@ -147,14 +147,13 @@ def up(
     services = {name: s for name, s in load_state(folder).items() if s.alive()}
     wanted = [name for name, on in (("ray", ray), ("mlflow", mlflow)) if on and name not in services]
     ports.check_free(tuple(p for name in wanted for p in PORTS_OF[name]))
-    mlflow_url = services["mlflow"].url if "mlflow" in services else f"http://{LOOPBACK}:{ports.mlflow}"
     health = {}
     try:  # both start side by side (each takes 10-20 s), then both are waited for
         if "mlflow" in wanted:
             services["mlflow"], health["mlflow"] = _start_mlflow(folder, ports, mlflow_store or folder / "mlflow")
             _save_state(folder, services)  # recorded at once: `down` can stop it whatever happens next
         if "ray" in wanted:
-            tracking = mlflow_url if (mlflow or "mlflow" in services) else None
+            tracking = services["mlflow"].url if "mlflow" in services else None  # started just above, or kept
             services["ray"], health["ray"] = _start_ray(folder, ports, num_cpus, tracking)
             _save_state(folder, services)
         for name, (url, statuses) in health.items():

@@ -40,8 +40,9 @@ def describe_sweep(
     metrics = {"trials_finished": float(len(rows)), "trials_failed": float(len(failed))}
     if best is not None:
         metrics |= {f"best_{k}": float(best[k]) for k in BEST_METRICS if isinstance(best.get(k), int | float)}
-    tracking.tracker(tracking.parent_run_id).log_metrics(metrics)
-    tracking.tracker(tracking.parent_run_id).set_tags({NOTE_TAG: text})
+    parent = tracking.tracker(tracking.parent_run_id)
+    parent.log_metrics(metrics)
+    parent.set_tags({NOTE_TAG: text})
     return text
 
 
