@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from training.errors import WsssError
+from training.errors import ConfigError, WsssError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,14 +66,45 @@ def run_trial_command(args) -> int:
         overrides = ([str(args.config)] if args.config else []) + list(args.overrides)
         cfg = load_trial_config(cfg_path, overrides)
     elif args.config is None:
-        raise SystemExit("wsss trial: give a trial YAML, or --from-sweep NAME --trial ID")
+        raise ConfigError("wsss trial: give a trial YAML, or --from-sweep NAME --trial ID")
     else:
+        refuse_sweep_file(args.config)
         cfg, teacher = load_trial_config(args.config, args.overrides), None
     out = args.out or Path("runs") / "trials" / (f"{args.from_sweep}-{args.trial}" if args.from_sweep else cfg.name)
     metrics = run_trial(cfg, out, teacher_checkpoint=teacher)
     print(json.dumps(metrics, indent=1, sort_keys=True))
     print(f"results in {out.resolve()}")
     return 0
+
+
+def refuse_sweep_file(path: Path) -> None:
+    """A sweep file given to `wsss trial`: say what it is and the commands that run it."""
+    from orchestrator.space import SECTIONS
+    from training.config import load_yaml
+
+    data = load_yaml(path)
+    sweep_keys = sorted(set(data) & (set(SECTIONS) - {"name", "description"})) if isinstance(data, dict) else []
+    if not sweep_keys:
+        return
+    base = data.get("base")
+    if isinstance(base, str):
+        base_path = _shown(Path(path).parent / base)
+        one = f"one trial of its base config:  wsss trial {base_path} [key=value ...]"
+    else:
+        one = f"its base config is inline; list its trials with:  wsss validate {path} --list"
+    raise ConfigError(
+        f"{path}: this is a sweep file (it has {', '.join(sweep_keys)}), not a trial config. "
+        f"Run the sweep with:  wsss sweep {path}   or {one}"
+    )
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the working directory when it lies below it (what a user would type)."""
+    path = path.resolve()
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 # ---------------------------------------------------------------- data
@@ -90,8 +121,9 @@ def _add_data(sub) -> None:
     s.add_argument("--chimney-in-clean", type=float, help="probability a clean image shows a chimney")
     s.add_argument("--preview", type=Path, help="also save a PNG grid of test images")
     s.set_defaults(run=run_synth)
-    c = d.add_parser("check", help="read every file of a dataset folder and report problems")
+    c = d.add_parser("check", help="read every file of a dataset folder and report every problem")
     c.add_argument("root", type=Path)
+    c.add_argument("--json", action="store_true", help="print counts and problems as JSON")
     c.set_defaults(run=run_check)
     w = d.add_parser("windows", help="cut large test images into windows, keeping those with smoke")
     w.add_argument("src", type=Path)
@@ -121,9 +153,13 @@ def run_synth(args) -> int:
 
 
 def run_check(args) -> int:
-    from training.data import validate_dataset
+    from training.data_check import check_dataset
+    from training.errors import DataError
 
-    print(json.dumps(validate_dataset(args.root), indent=1, default=str))
+    report = check_dataset(args.root)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.render())
+    if not report.ok:
+        raise DataError(f"{report.root}: {len(report.problems)} problem(s) found, listed above; fix them and rerun")
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from orchestrator.ray_auth import ensure_ray_token
 from training.errors import WsssError
 from training.shards import atomic_write_text
 
@@ -194,11 +196,12 @@ def _start_ray(
     ]  # fmt: skip
     if num_cpus:
         argv += ["--num-cpus", str(num_cpus)]
-    env = os.environ | {
+    token = ensure_ray_token(ray_bin=_venv_bin("ray"))  # `ray start` dies without one (unlike ray.init)
+    env = os.environ | token.env() | {
         # On Linux Ray swaps 127.0.0.1 for the machine's network address and binds its GCS and
         # raylets to it; this switch (meant for laptops) keeps every Ray port on loopback.
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        # Explicit token auth: Ray writes ~/.ray/auth_token; `ray job submit` must set the same mode.
+        # Explicit token auth; `ray job submit` must set the same mode and read the same token (env.sh).
         "RAY_AUTH_MODE": "token",
         # Job entrypoints run with the head's environment: `wsss` and `ray` resolve to this venv.
         "PATH": f"{Path(_venv_bin('ray')).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -207,7 +210,12 @@ def _start_ray(
     if tracking:
         env["MLFLOW_TRACKING_URI"] = tracking  # a job's `wsss sweep` logs to this server by default
     service = _spawn("ray", argv, folder / "ray-head.log", url, env)
-    service.extra = {"gcs_address": f"{LOOPBACK}:{ports.ray}", "client_address": f"ray://{LOOPBACK}:{ports.client}"}
+    service.extra = {
+        "gcs_address": f"{LOOPBACK}:{ports.ray}",
+        "client_address": f"ray://{LOOPBACK}:{ports.client}",
+        "auth_token": token.describe(),
+        **({"auth_token_path": str(token.path)} if token.path else {}),
+    }
     # /api/version answers (401 with token auth) once the dashboard, and so the Jobs API, is up.
     return service, (f"{url}/api/version", (200, 401))
 
@@ -256,7 +264,10 @@ def _tail(path: str, lines: int = 20) -> str:
 def _write_env(folder: Path, services: dict[str, Service]) -> None:
     lines = ["# source this file to talk to the services started by `wsss services up`"]
     if "ray" in services:
-        lines += ["export RAY_AUTH_MODE=token", f"export RAY_API_SERVER_ADDRESS={services['ray'].url}"]
+        ray = services["ray"]
+        lines += ["export RAY_AUTH_MODE=token", f"export RAY_API_SERVER_ADDRESS={ray.url}"]
+        if "auth_token_path" in ray.extra:  # the token the head started with (never the token itself)
+            lines.append(f"export RAY_AUTH_TOKEN_PATH={shlex.quote(ray.extra['auth_token_path'])}")
     if "mlflow" in services:
         lines.append(f"export MLFLOW_TRACKING_URI={services['mlflow'].url}")
     atomic_write_text(Path(folder) / ENV_FILE, "\n".join(lines) + "\n")
@@ -377,7 +388,9 @@ def describe(services: dict[str, Service]) -> list[str]:
         lines += [
             f"ray     {'up' if ray.alive() else 'DOWN'}  pid {ray.pid}  dashboard {ray.url}  "
             f"GCS {ray.extra.get('gcs_address', '?')}  log {ray.log}",
-            f"  submit: RAY_AUTH_MODE=token ray job submit --address {ray.url} --working-dir . -- wsss sweep ...",
+            f"  auth: {ray.extra.get('auth_token', '?')}",
+            f"  submit: source {Path(ray.log).parent / ENV_FILE} && "
+            f"ray job submit --address {ray.url} --working-dir . -- wsss sweep ...",
         ]
     if "mlflow" in services:
         ml = services["mlflow"]

@@ -7,6 +7,8 @@ images, a 2-block ViT with 32 channels and a ResNet-10-T with 8–64 channels.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,15 +26,26 @@ TINY_CNN = {"name": "resnet10t", "output_stride": 8, "options": {"channels": [8,
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Point every cache at a session folder, keep MLflow quiet, and use one thread."""
+    """Run the whole session as on a machine that never ran anything: its own empty HOME
+    (so no `~/.ray/auth_token` or `~/.cache` left by earlier runs counts, either way), its own
+    Ray temp folder (Ray's "current cluster" pointer and session logs), its own cache; MLflow
+    quiet; one thread."""
     cache = tmp_path_factory.mktemp("wsss-cache")
+    home = tmp_path_factory.mktemp("home")
+    # Short and outside the pytest tree: Ray's unix socket paths live under it (107-byte limit).
+    ray_tmp = Path(tempfile.mkdtemp(prefix="wsss-ray-", dir="/tmp"))
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        mp.setenv("RAY_TMPDIR", str(ray_tmp))
+        for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+            mp.delenv(name, raising=False)
         mp.setenv("WSSS_CACHE", str(cache))
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         torch.set_num_threads(1)
         yield cache
     torch.set_num_threads(threads)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +109,5 @@ def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def uri(tmp_path: Path, migrated_db: Path) -> str:
     """A fresh MLflow tracking URI per test (a copy of the migrated template)."""
-    import shutil
-
     shutil.copy(migrated_db, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path}/mlflow.db"

@@ -64,13 +64,13 @@ def _corrupt(root: Path) -> str:
 def _empty_class(root: Path) -> str:
     for p in (root / "train" / "clean").iterdir():
         p.unlink()
-    return r"train/clean is empty: expected a folder with images \(\.png"
+    return r"empty folder: 1 \(expected a folder holding images \(\.png.*\n +train/clean: the folder is empty"
 
 
 def _missing_mask(root: Path) -> str:
     mask = _first(root / "test" / "masks")
     mask.unlink()
-    return rf"images/{mask.stem}\.png has no mask: expected .*masks/{mask.stem}\.png \(0/255, same stem, \.png\)"
+    return rf"image without mask: 1 .*\n +test/images/{mask.stem}\.png: no test/masks/{mask.stem}\.png"
 
 
 def _mask_size(root: Path) -> str:
@@ -111,10 +111,27 @@ def _bomb(root: Path) -> str:
 def test_data_check_names_the_bad_file(dataset_template, tmp_path, capsys, breaks):
     root = Path(shutil.copytree(dataset_template, tmp_path / "data"))
     expected = breaks(root)
-    code, err = _wsss(capsys, "data", "check", str(root))
+    code = main(["data", "check", str(root)])
+    out, err = capsys.readouterr()
     assert code == 2
-    assert err.startswith("error: ") and err.count("\n") == 1
-    assert re.search(expected, err), err
+    assert err == f"error: {root}: 1 problem(s) found, listed above; fix them and rerun\n"
+    assert "1 problem(s) in 1 file(s)" in out
+    assert re.search(expected, out), out
+
+
+def test_data_check_reports_every_problem_in_one_pass(dataset_template, tmp_path, capsys):
+    """Three different problems in three files: one report names all three, grouped by kind."""
+    root = Path(shutil.copytree(dataset_template, tmp_path / "data"))
+    broken = [_corrupt(root), _mask_values(root)]
+    orphan = root / "test" / "masks" / "no_such_image.png"
+    cv2.imwrite(str(orphan), np.zeros((32, 32), np.uint8))
+    code = main(["data", "check", str(root)])
+    out, err = capsys.readouterr()
+    assert code == 2 and "3 problem(s) found" in err
+    assert "3 problem(s) in 3 file(s):" in out
+    for expected in [*broken, r"mask without image: 1 .*\n +test/masks/no_such_image\.png"]:
+        assert re.search(expected, out), out
+    assert out.index("unreadable image: 1") < out.index("mask without image: 1") < out.index("mask values: 1")
 
 
 def test_grayscale_dataset_is_accepted(dataset_template, tmp_path, capsys):
@@ -180,6 +197,27 @@ def test_trial_override_typo_is_refused_before_training(tmp_path, capsys, synth_
     code, err = _wsss(capsys, "trial", str(cfg), "train.epoch=3", "--out", str(tmp_path / "out"))
     assert code == 2 and 'train.epoch: unknown key (did you mean "epochs"?)' in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_file_given_to_wsss_trial_is_named_with_the_commands_that_run_it(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, err = _wsss(capsys, "trial", "search_spaces/quick.yaml")
+    assert code == 2 and err.count("\n") == 1
+    assert "search_spaces/quick.yaml: this is a sweep file (it has base, grid, include" in err
+    assert "wsss sweep search_spaces/quick.yaml" in err
+    assert "wsss trial search_spaces/trials/quick.yaml [key=value ...]" in err
+
+
+def test_a_sweep_file_with_an_inline_base_points_to_validate(tmp_path, capsys):
+    path = tmp_path / "inline.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "base": {"name": "t"}, "grid": {"transfer.lam": [1.0]}}))
+    code, err = _wsss(capsys, "trial", str(path))
+    assert code == 2 and f"wsss validate {path} --list" in err, err
+
+
+def test_wsss_trial_without_a_config_exits_2_saying_what_to_give(capsys):
+    code, err = _wsss(capsys, "trial")
+    assert code == 2 and "give a trial YAML, or --from-sweep NAME --trial ID" in err
 
 
 def test_file_that_is_not_a_checkpoint_is_named(tmp_path, capsys, synth_root):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -43,30 +44,45 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _wsss(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "wsss"), *args], capture_output=True, text=True, timeout=timeout)
+def _wsss(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "wsss"), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _sourced(env_sh: Path) -> dict[str, str]:
+    """The variables `source .wsss/env.sh` exports (what a user's shell gets)."""
+    found = {}
+    for line in env_sh.read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").partition("=")
+            found[key] = shlex.split(value)[0]
+    return found
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    """Services up, the check sweep submitted as a Ray job and finished; services down at the end."""
+    """Services up on a machine that never ran Ray (an empty HOME: no ~/.ray/auth_token), the check
+    sweep submitted as a Ray job the README's way (`source .wsss/env.sh`), finished; services down."""
     folder = tmp_path_factory.mktemp("services")
+    home = tmp_path_factory.mktemp("never-ran-ray")
+    user = os.environ | {"HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     ray_port, dashboard, client, mlflow = _free_ports(4)
     ports = ["--ray-port", str(ray_port), "--dashboard-port", str(dashboard), "--client-port", str(client)]
-    up = _wsss("services", "up", "--dir", str(folder), *ports, "--mlflow-port", str(mlflow), "--num-cpus", "2")
+    up = _wsss("services", "up", "--dir", str(folder), *ports, "--mlflow-port", str(mlflow), "--num-cpus", "2",
+               env=user)  # fmt: skip
     state = sv.load_state(folder)  # read before asserting: whatever started is stopped below
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        env = os.environ | {"RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        sourced = _sourced(folder / sv.ENV_FILE)
         job = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", state["ray"].url, "--working-dir", ".", "--",
              "wsss", "sweep", "search_spaces/check.yaml", "--name", SWEEP,
              "--storage", str(folder / "runs"), "--tracking-uri", state["mlflow"].url],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+            cwd=REPO, env=user | sourced, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
-        yield {"folder": folder, "state": state, "job": job, "mlflow": state["mlflow"].url}
+        yield {"folder": folder, "state": state, "job": job, "mlflow": state["mlflow"].url, "home": home,
+               "up": up, "sourced": sourced}  # fmt: skip
     finally:
-        down = _wsss("services", "down", "--dir", str(folder), timeout=180)
+        down = _wsss("services", "down", "--dir", str(folder), timeout=180, env=user)
         leftovers = {name: sv.group_members(s.pid) for name, s in state.items()}
         assert down.returncode == 0, down.stdout + down.stderr
         assert leftovers == {name: [] for name in state}, f"processes left running: {leftovers}"
@@ -109,6 +125,16 @@ def runs(deployment) -> dict:
     (parent,) = [(r, t) for r, t in by_tag if t.get("wsss.sweep") == SWEEP and t.get("wsss.role") == "parent"]
     children = [(r, tags) for r, tags in by_tag if tags.get("mlflow.parentRunId") == parent[0]["info"]["run_id"]]
     return {"base": base, "experiment": exp, "parent": parent, "children": children}
+
+
+def test_services_up_created_the_token_that_the_head_and_job_submit_share(deployment):
+    token = deployment["home"] / ".ray" / "auth_token"
+    assert token.is_file() and len(token.read_text().strip()) == 64
+    assert token.stat().st_mode & 0o077 == 0  # a credential: readable by its owner only
+    assert deployment["sourced"]["RAY_AUTH_MODE"] == "token"
+    assert deployment["sourced"]["RAY_AUTH_TOKEN_PATH"] == str(token.resolve())
+    assert f"token {token.resolve()} (created now)" in deployment["up"].stdout
+    assert token.read_text() not in deployment["up"].stdout + deployment["up"].stderr  # never printed
 
 
 def test_the_job_succeeded_and_pointed_at_the_sweep_page(deployment):

@@ -19,9 +19,9 @@ from training.data import (
     read_mask,
     scan_test,
     scan_train,
-    validate_dataset,
     window_starts,
 )
+from training.data_check import SHOWN_PER_KIND, check_dataset
 from training.errors import ConfigError, DataError
 from training.synth import SynthConfig, generate
 
@@ -234,25 +234,40 @@ def test_test_item_fields(tmp_path: Path) -> None:
     assert (item.id, item.context) == ("x", None)
 
 
-def test_validate_dataset_summary(root: Path) -> None:
-    summary = validate_dataset(root)
-    assert summary["train"] == {"smoke": 2, "clean": 1}
-    assert summary["test"] == {"images": 2, "smoke": 1, "clean": 1, "with_context": 1}
-    assert summary["sizes"] == {"train": {"30×20": 2, "16×16": 1}, "test": {"32×24": 2}}
+def test_check_dataset_summary(root: Path) -> None:
+    report = check_dataset(root)
+    assert report.ok and report.files == 3 + 2 + 2 + 1  # train images, test images, masks, context
+    assert report.summary["train"] == {"smoke": 2, "clean": 1}
+    assert report.summary["test"] == {"images": 2, "smoke": 1, "clean": 1, "with_context": 1}
+    assert report.summary["sizes"] == {"train": {"30×20": 2, "16×16": 1}, "test": {"32×24": 2}}
+    assert report.render().endswith("no problems found")
 
 
-def test_validate_dataset_reports_first_bad_file(root: Path) -> None:
+def test_check_dataset_reads_on_after_a_bad_file(root: Path) -> None:
+    """A corrupt training image is one problem; every other file is still read and counted."""
     (root / "train/clean/c.bmp").write_bytes(b"BM not really")
-    with pytest.raises(DataError, match=r"c\.bmp: not a readable image"):
-        validate_dataset(root)
+    report = check_dataset(root)
+    (problem,) = report.problems
+    assert problem.kind == "unreadable_image" and problem.path.name == "c.bmp"
+    assert problem.detail.startswith("not a readable image")
+    assert report.summary["train"] == {"smoke": 2, "clean": 0} and report.summary["test"]["images"] == 2
 
 
-def test_validate_accepts_the_synthetic_benchmark(tmp_path: Path) -> None:
+def test_check_dataset_lists_a_few_paths_per_kind_and_counts_the_rest(root: Path) -> None:
+    for i in range(SHOWN_PER_KIND + 2):
+        (root / f"train/smoke/bad{i}.png").write_bytes(b"not a png")
+    text = check_dataset(root).render()
+    assert f"unreadable image: {SHOWN_PER_KIND + 2} (expected" in text
+    assert text.count("bad") == SHOWN_PER_KIND and "… and 2 more" in text
+
+
+def test_check_accepts_the_synthetic_benchmark(tmp_path: Path) -> None:
     out = generate(SynthConfig(size=32, n_train=6, n_test=8, seed=1), tmp_path / "synth")
-    summary = validate_dataset(out)
-    assert summary["train"]["smoke"] + summary["train"]["clean"] == 6
-    assert summary["test"]["images"] == summary["test"]["with_context"] == 8
-    assert summary["sizes"]["test"] == {"32×32": 8}
+    report = check_dataset(out)
+    assert report.ok
+    assert report.summary["train"]["smoke"] + report.summary["train"]["clean"] == 6
+    assert report.summary["test"]["images"] == report.summary["test"]["with_context"] == 8
+    assert report.summary["sizes"]["test"] == {"32×32": 8}
 
 
 # --------------------------------------------------------------------------- windows

@@ -9,14 +9,14 @@ Layout (the synthetic generator writes the same one):
 
 Images may be .png .jpg .jpeg .bmp .tif .tiff (any case). Every reader raises
 `DataError` naming the file and what was expected, so a bad file fails a sweep
-before training starts (``wsss data check`` runs `validate_dataset`).
+before training starts; ``wsss data check`` reads a whole dataset and reports every
+problem at once (`training.data_check`).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,20 +196,23 @@ def read_mask(path: Path, *, shape: tuple[int, int], image: Path | None = None) 
         if any(not np.array_equal(first, array[..., c]) for c in range(1, min(3, array.shape[2]))):
             raise DataError(
                 f"{path}: expected a single-channel mask (or 3 equal channels), "
-                f"got {array.shape[2]} different channels"
+                f"got {array.shape[2]} different channels",
+                kind="mask_values",
             )
         array = first
     if array.shape != tuple(shape):
         of = f" of {image}" if image is not None else ""
         raise DataError(
             f"{path}: mask is {array.shape[1]}×{array.shape[0]} (W×H) but the "
-            f"image{of} is {shape[1]}×{shape[0]}; expected the same size"
+            f"image{of} is {shape[1]}×{shape[0]}; expected the same size",
+            kind="mask_size",
         )
     values = set(np.unique(array).tolist())
     if not (values <= {0, 255} or values <= {0, 1}):
         odd = sorted(values - {0, 1, 255})[:8] or sorted(values)
         raise DataError(
-            f"{path}: expected mask values {{0, 255}} (or {{0, 1}}), found unexpected values {odd}"
+            f"{path}: expected mask values {{0, 255}} (or {{0, 1}}), found unexpected values {odd}",
+            kind="mask_values",
         )
     return array > 0
 
@@ -340,39 +343,6 @@ class TestDataset(torch.utils.data.Dataset):
         if context and item.context is not None:
             ctx = read_mask(item.context, shape=rgb.shape[:2], image=item.image)
         return rgb, mask, ctx
-
-
-def validate_dataset(root: Path) -> dict[str, Any]:
-    """Read every file of a dataset once; raise the first problem as DataError.
-
-    Returns:
-        {"train": {"smoke": n, "clean": n}, "test": {"images": n, "smoke": n,
-        "clean": n, "with_context": n}, "sizes": {"train": {"W×H": n}, "test": {...}}}.
-    """
-    train_sizes: Counter[str] = Counter()
-    counts = Counter()
-    for path, label in scan_train(root):
-        h, w = read_image(path).shape[:2]
-        train_sizes[f"{w}×{h}"] += 1
-        counts["smoke" if label else "clean"] += 1
-    test_sizes: Counter[str] = Counter()
-    test = Counter()
-    dataset = TestDataset(scan_test(root), image_size=None, mean=(0, 0, 0), std=(1, 1, 1))
-    for i, item in enumerate(dataset.items):
-        rgb, mask, _ = dataset.load_eval(i)
-        test_sizes[f"{rgb.shape[1]}×{rgb.shape[0]}"] += 1
-        test["smoke" if mask.any() else "clean"] += 1
-        test["with_context"] += item.context is not None
-    return {
-        "train": {"smoke": counts["smoke"], "clean": counts["clean"]},
-        "test": {
-            "images": len(dataset),
-            "smoke": test["smoke"],
-            "clean": test["clean"],
-            "with_context": test["with_context"],
-        },
-        "sizes": {"train": dict(train_sizes), "test": dict(test_sizes)},
-    }
 
 
 def window_starts(length: int, size: int, stride: int) -> list[int]:

@@ -19,7 +19,17 @@ class ConfigError(WsssError):
 
 
 class DataError(WsssError):
-    """A dataset file or folder is missing, unreadable or inconsistent."""
+    """A dataset file or folder is missing, unreadable or inconsistent.
+
+    Args:
+        message: names the file and what was expected.
+        kind: which kind of problem (``training.data_check.PROBLEMS``), so a whole-dataset check
+            can group what it finds; None where no finer kind applies.
+    """
+
+    def __init__(self, message: str, *, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class CheckpointError(WsssError):
