@@ -407,6 +407,11 @@ def test_sigkilled_refinement_actor_costs_only_its_unit(tmp_path, monkeypatch, s
     finally:
         ray.shutdown()
     assert killed, "no actor was killed"
-    assert [r.attempts for r in results] == [2 if i == killed["index"] else 1 for i in range(len(units))]
+    # Exactly one unit ran twice. Usually the one just handed to the killed actor; on a loaded
+    # machine that unit can finish while the pid is being looked up, and then the next unit the
+    # dead actor is given is the one requeued. Either way the kill costs one unit, not more.
+    attempts = [r.attempts for r in results]
+    assert sorted(attempts) == [1] * (len(units) - 1) + [2], attempts
+    assert attempts.index(2) >= killed["index"]
     assert all(r.status == "done" for r in results) and len(results) == len(units)
     assert _table(summarise(results)) == _table(summarise(reference))  # nothing counted twice
