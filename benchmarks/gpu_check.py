@@ -14,7 +14,7 @@ figures.
 Usage (normally through ``bash benchmarks/gpu_check.sh``, which finds or installs Python)::
 
     .venv/bin/python benchmarks/gpu_check.py --out gpu-check                 # on a GPU, ≤ 8 min
-    .venv/bin/python benchmarks/gpu_check.py --dry-run --out /tmp/dry        # CPU, well under a minute
+    .venv/bin/python benchmarks/gpu_check.py --dry-run --out gpu-dry         # CPU, about a minute idle
     .venv/bin/python benchmarks/gpu_check.py --parts sam --cap sam=300       # one part, another cap
 """
 
