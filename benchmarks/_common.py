@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: model presets, in-memory data, and interleaved timing.
+"""Shared pieces of the benchmarks: model presets, in-memory data, interleaved timing, and
+timed training steps with their peak memory (`timed_steps`).
 
 Timings alternate between the variants round by round (the order rotating), and each
 figure is the median over rounds, so a burst of load from another process hits every
@@ -7,12 +8,18 @@ variant alike instead of one of them.
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
+import re
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 # Models of the shipped configs: `thesis` = trials/thesis.yaml; `cpu` = trials/cpu.yaml as the figures in
@@ -65,6 +72,146 @@ class TensorImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.images[i], self.labels[i]
+
+
+def build_model(cfg, teacher_ckpt: str | Path | None, device: torch.device):
+    """The trial's paradigm with seeded random weights, on ``device``, channels-last if ``cfg`` asks."""
+    from training.paradigms import build_paradigm
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_paradigm(cfg, str(teacher_ckpt) if teacher_ckpt else None).to(device)
+    return model.use_channels_last() if cfg.train.channels_last else model
+
+
+def random_teacher_checkpoint(cfg, folder: Path) -> Path:
+    """A checkpoint of ``cfg``'s teacher with random weights (nothing downloaded), for timing only."""
+    from training.models import build_net
+    from training.paradigms import save_net_checkpoint
+
+    path = Path(folder) / "teacher.pt"
+    save_net_checkpoint(build_net(cfg.model.teacher, image_size=cfg.data.image_size), path, meta={})
+    return path
+
+
+class PeakMemory:
+    """Peak memory since `reset`.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` (and ``max_memory_reserved``). On a CPU: the
+    process's resident-set high-water mark (Linux ``VmHWM``, reset by writing 5 to
+    ``/proc/self/clear_refs``). That also counts the interpreter and its libraries, so it is a
+    stand-in that lets a CPU dry run take the same path, not a figure to compare with a GPU's.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass  # not Linux: the high-water mark then counts from the start of the process
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        try:
+            status = Path("/proc/self/status").read_text()
+            return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+        except (OSError, AttributeError):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def reserved_bytes(self) -> int | None:
+        """The caching allocator's reserved peak (CUDA), None on a CPU."""
+        return torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
+
+
+def release(device: torch.device) -> None:
+    """Free what earlier variants left, so the next peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class StepRun:
+    """Timed training steps of one variant."""
+
+    seconds: list[float]  # wall time of each timed step
+    start: float  # time.monotonic() when timing began (one clock for every process of a Linux machine)
+    end: float  # time.monotonic() when the last timed step ended
+    peak_bytes: int  # PeakMemory over the model's build, warm-up and timed steps
+    reserved_bytes: int | None  # CUDA only: the caching allocator's peak
+
+    @property
+    def median_s(self) -> float:
+        return median(self.seconds)
+
+
+def timed_steps(
+    cfg,
+    teacher_ckpt: str | Path | None,
+    device: torch.device,
+    *,
+    cached: bool,
+    warmup: int,
+    steps: int,
+    min_seconds: float = 0.0,
+    before_timing: Callable[[], None] | None = None,
+) -> StepRun:
+    """Training steps of ``cfg``'s paradigm on one fixed batch of random images.
+
+    Each step is `training.loop.train_epoch` over a one-batch loader: the trial's own step
+    (forward under the configured autocast, backward, AdamW, schedule). After ``warmup`` steps
+    (AdamW state, allocator, cuDNN's kernel choice) it calls ``before_timing`` (a barrier for
+    processes started together), then times at least ``steps`` steps and ``min_seconds``.
+
+    Args:
+        cached: read the teacher's feature map from a feature-cache file built first
+            (``train.teacher_cache`` dtype) instead of running the teacher in the step.
+    """
+    from training.feature_cache import TeacherFeatures, compute_features
+    from training.loop import make_optimizer, train_epoch
+
+    release(device)
+    meter = PeakMemory(device)
+    meter.reset()
+    model = build_model(cfg, teacher_ckpt, device)
+    bs = cfg.train.batch_size
+    data = TensorImages(bs, cfg.data.image_size)
+    # the images live on the device (a step, not the loader, is timed); indices stay on the CPU,
+    # where the cache reads them, as a DataLoader gives them
+    batch = (data.images.to(device), data.labels.to(device), torch.arange(bs))
+    opt, sched = make_optimizer(model, cfg.train, warmup + steps)
+    with tempfile.TemporaryDirectory(prefix="wsss-bench-") as tmp:
+        feats = None
+        if cached:  # as a trial reads it: a memory-mapped .npy, pinned copies on CUDA
+            path = Path(tmp) / "features.npy"
+            dtype = cfg.train.teacher_cache if cfg.train.teacher_cache != "false" else "float16"
+            compute_features(model.teacher, data, path, dtype=dtype, device=device, batch_size=bs)
+            feats = TeacherFeatures(np.load(path, mmap_mode="r"), pin=device.type == "cuda")
+
+        def step() -> None:
+            train_epoch(model, [batch], opt, sched, cfg.train, device, epoch=0, teacher_features=feats)
+            sync(device)
+
+        for _ in range(warmup):
+            step()
+        if before_timing is not None:
+            before_timing()
+        times: list[float] = []
+        start = time.monotonic()
+        while len(times) < steps or time.monotonic() - start < min_seconds:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        end = time.monotonic()
+        return StepRun(times, start, end, meter.peak_bytes(), meter.reserved_bytes())
 
 
 def sync(device: torch.device) -> None:

@@ -22,66 +22,25 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 # `python benchmarks/x.py` puts benchmarks/ first on sys.path, so the sibling module imports as is.
-from _common import TensorImages, machine, trial_config
+from _common import machine, random_teacher_checkpoint, timed_steps, trial_config
 
 GiB = 1024**3
 
 
-def build(cfg, ckpt: str):
-    from training.paradigms import build_paradigm
-
-    torch.manual_seed(0)
-    model = build_paradigm(cfg, ckpt).cuda()
-    return model.use_channels_last() if cfg.train.channels_last else model
-
-
 def gpu_step_memory(cfg, ckpt: str, *, cached: bool, steps: int = 3) -> dict[str, float]:
-    """Peak allocated/reserved GiB and images/s over ``steps`` training steps on cuda:0."""
-    from training.feature_cache import TeacherFeatures, compute_features
-    from training.loop import autocast, make_optimizer
-
-    device = torch.device("cuda")
-    torch.cuda.empty_cache()
-    model = build(cfg, ckpt)
-    bs = cfg.train.batch_size
-    data = TensorImages(bs, cfg.data.image_size)
-    feats = None
-    if cached:
-        path = Path(tempfile.mkdtemp()) / "f.npy"
-        compute_features(model.teacher, data, path, dtype="float16", device=device, batch_size=bs)
-        feats = TeacherFeatures(np.load(path, mmap_mode="r"), pin=True)
-    opt, sched = make_optimizer(model, cfg.train, steps)
-    images, labels = data.images.to(device), data.labels.to(device)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        t_map = feats(torch.arange(bs)).to(device, non_blocking=True) if feats is not None else None
-        with autocast(cfg.train, device):
-            loss, _ = model.loss(images, labels, t_map)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    out = {
-        "allocated": torch.cuda.max_memory_allocated() / GiB,
-        "reserved": torch.cuda.max_memory_reserved() / GiB,
-        "images_s": bs / min(times[1:] or times),
+    """Peak allocated/reserved GiB over ``steps`` training steps on cuda:0 (the first one, which
+    creates AdamW's state, included), and images/s of the steps after the first."""
+    run = timed_steps(cfg, ckpt, torch.device("cuda"), cached=cached, warmup=1, steps=steps - 1)
+    return {
+        "allocated": run.peak_bytes / GiB,
+        "reserved": run.reserved_bytes / GiB,
+        "images_s": cfg.train.batch_size / run.median_s,
     }
-    del model, opt, images, labels
-    torch.cuda.empty_cache()
-    return out
 
 
 def param_counts(cfg) -> tuple[int, int, int]:
@@ -155,9 +114,6 @@ def main() -> None:
     ap.add_argument("--no-cpu-count", action="store_true", help="CPU: skip counting saved activations")
     args = ap.parse_args()
 
-    from training.models import build_net
-    from training.paradigms import save_net_checkpoint
-
     cfg = trial_config("thesis", image_size=args.image_size, batch_size=args.batch_size)
     print(f"machine: {machine()}")
     print(f"step: {cfg.model.student.name} student, {cfg.model.teacher.name} teacher (output stride "
@@ -169,8 +125,7 @@ def main() -> None:
             counted = {"fp32": saved_bytes(cfg, False), "bf16": saved_bytes(cfg, True)}
         estimate(cfg, counted)
         return
-    ckpt = Path(tempfile.mkdtemp()) / "teacher.pt"
-    save_net_checkpoint(build_net(cfg.model.teacher, image_size=args.image_size), ckpt, meta={})
+    ckpt = random_teacher_checkpoint(cfg, Path(tempfile.mkdtemp()))
     rows = []
     for precision in ("fp32", "bf16"):
         for cached in (False, True):

@@ -30,17 +30,17 @@ import numpy as np
 import torch
 
 # `python benchmarks/x.py` puts benchmarks/ first on sys.path, so the sibling module imports as is.
-from _common import PRESETS, TensorImages, interleaved, machine, median, sync, trial_config
-
-
-def build(cfg, teacher_ckpt: str | None, device: torch.device):
-    from training.paradigms import build_paradigm
-
-    torch.manual_seed(cfg.train.seed)
-    model = build_paradigm(cfg, teacher_ckpt).to(device)
-    if cfg.train.channels_last:
-        model.use_channels_last()
-    return model
+from _common import (
+    PRESETS,
+    TensorImages,
+    build_model,
+    interleaved,
+    machine,
+    median,
+    random_teacher_checkpoint,
+    sync,
+    trial_config,
+)
 
 
 def main() -> None:
@@ -58,8 +58,6 @@ def main() -> None:
 
     from training.feature_cache import IndexedDataset, TeacherFeatures, compute_features
     from training.loop import default_num_workers, epoch_loader, make_optimizer, pick_device, train_epoch
-    from training.models import build_net
-    from training.paradigms import save_net_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,12 +67,11 @@ def main() -> None:
     size, bs = cfg.data.image_size, cfg.train.batch_size
     data = TensorImages(bs * args.steps, size)
     tmp = Path(tempfile.mkdtemp(prefix="wsss-bench-"))
-    ckpt = tmp / "teacher.pt"
-    save_net_checkpoint(build_net(cfg.model.teacher, image_size=size), ckpt, meta={})
+    ckpt = random_teacher_checkpoint(cfg, tmp)
 
-    base = build(cfg.replace(**{"transfer.paradigm": "baseline"}), None, device)
-    uncached = build(cfg, str(ckpt), device)
-    cached = build(cfg, str(ckpt), device)
+    base = build_model(cfg.replace(**{"transfer.paradigm": "baseline"}), None, device)
+    uncached = build_model(cfg, str(ckpt), device)
+    cached = build_model(cfg, str(ckpt), device)
     start = time.perf_counter()
     store = tmp / "features.npy"
     compute_features(cached.teacher, data, store, dtype=args.dtype, device=device, batch_size=bs)
@@ -103,7 +100,7 @@ def main() -> None:
     times = interleaved(variants, args.rounds, device)
 
     # the same batch through both teacher paths (fresh models, no training in between)
-    a, b = build(cfg, str(ckpt), device), build(cfg, str(ckpt), device)
+    a, b = build_model(cfg, str(ckpt), device), build_model(cfg, str(ckpt), device)
     idx = torch.arange(bs)
     images, labels = data.images[:bs].to(device), data.labels[:bs].to(device)
     with torch.no_grad():
