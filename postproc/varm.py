@@ -68,8 +68,9 @@ def local_variation(neighbours: Tensor) -> Tensor:
         column compare with themselves (zero), as SCD shifts with the edge repeated.
     """
     variation = torch.zeros_like(neighbours)
-    variation[..., :-1, :] = (neighbours[..., :-1, :] - neighbours[..., 1:, :]).square()
-    variation[..., :-1] += (neighbours[..., :-1] - neighbours[..., 1:]).square()
+    torch.sub(neighbours[..., :-1, :], neighbours[..., 1:, :], out=variation[..., :-1, :]).square_()
+    right = neighbours[..., :-1] - neighbours[..., 1:]
+    variation[..., :-1].addcmul_(right, right)
     return variation.mean(dim=1, keepdim=True)
 
 

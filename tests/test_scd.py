@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from training.errors import ConfigError
 from training.scd import (
@@ -60,6 +61,31 @@ def test_the_mean_put_back_is_the_batch_mean():
     codes = torch.cat([_vectors((1, 0), (0, 1)), ones])
     codes_small = torch.cat([ones, ones])
     assert correspondence_loss_at(feats, feats_small, codes, codes_small).item() == pytest.approx(-0.6, abs=1e-6)
+
+
+def _plain_correspondence(feats, feats_small, codes, codes_small):
+    """The loss as the module docstring writes it, with autograd doing the gradient."""
+    fd = F.normalize(feats, dim=1).transpose(1, 2) @ F.normalize(feats_small, dim=1)
+    fd = (fd - fd.mean(dim=2, keepdim=True) + fd.mean()).detach()
+    cd = F.normalize(codes, dim=1).transpose(1, 2) @ F.normalize(codes_small, dim=1)
+    return -(cd.clamp(min=0) * fd).mean()
+
+
+@pytest.mark.parametrize("channels", [2, 3])  # 2: the sorted half-plane path; 3: the blockwise path
+def test_the_fast_loss_and_gradient_equal_the_plain_formula(channels):
+    gen = torch.Generator().manual_seed(3)
+    feats, feats_small = torch.rand(3, 4, 30, generator=gen), torch.rand(3, 4, 20, generator=gen)
+    codes = torch.randn(3, channels, 30, generator=gen, dtype=torch.float64)
+    codes_small = torch.randn(3, channels, 20, generator=gen, dtype=torch.float64)
+    codes[0, :, 0] = 0  # a zero code, and two equal angles: no special case
+    codes_small[1, :, 3] = 2 * codes_small[1, :, 4]
+    codes.requires_grad_(), codes_small.requires_grad_()
+    fast = correspondence_loss_at(feats.double(), feats_small.double(), codes, codes_small)
+    plain = _plain_correspondence(feats.double(), feats_small.double(), codes, codes_small)
+    torch.testing.assert_close(fast, plain)
+    for a, b in zip(torch.autograd.grad(fast, (codes, codes_small)),
+                    torch.autograd.grad(plain, (codes, codes_small)), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_correspondence_loss_on_constant_maps_by_hand():
