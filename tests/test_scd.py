@@ -190,6 +190,8 @@ def test_pseudo_labels_pick_the_present_class_that_wins():
     # class 1 absent from the image: its pixel falls to class 2 where that still clears a score
     only_second = torch.tensor([[False, True]])
     assert pseudo_labels(image, cam, present=only_second, refine=None)[0, 0].tolist() == [0, 2, 255]
+    as_floats = torch.tensor([[0.0, 1.0]])  # image labels as the data loader gives them
+    assert pseudo_labels(image, cam, present=as_floats, refine=None)[0, 0].tolist() == [0, 2, 255]
     nothing = torch.tensor([[False, False]])
     assert pseudo_labels(image, cam, present=nothing, refine=None)[0, 0].tolist() == [0, 0, 0]
 
@@ -215,6 +217,8 @@ def test_varm_pseudo_labels_snap_to_the_image_edge():
 def test_pseudo_label_input_errors():
     with pytest.raises(ConfigError, match="bg_low"):
         pseudo_labels(torch.zeros(1, 3, 2, 2), torch.zeros(1, 1, 2, 2), high=0.3, low=0.5)
+    with pytest.raises(ConfigError, match="down_scale"):
+        pseudo_labels(torch.zeros(1, 3, 2, 2), torch.zeros(1, 1, 2, 2), down_scale=0)
     with pytest.raises(ValueError, match="present"):
         pseudo_labels(torch.zeros(1, 3, 2, 2), torch.zeros(1, 1, 2, 2), present=torch.ones(1, 2, dtype=torch.bool))
 

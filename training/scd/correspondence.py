@@ -155,8 +155,9 @@ class _ClampedCorrelation(torch.autograd.Function):
             # one N×M matrix serves the value and both gradients
             weight = target.masked_fill_(cd <= 0, 0.0)
             total += torch.dot(weight.flatten(), cd.flatten())
-            grad_codes[i] = codes_small[i] @ weight.T
-            grad_small[i] = codes[i] @ weight
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                grad_codes[i] = codes_small[i] @ weight.T
+                grad_small[i] = codes[i] @ weight
         ctx.save_for_backward(grad_codes * scale, grad_small * scale)
         return total * scale
 
@@ -212,8 +213,9 @@ def correspondence_loss(
         generator: the source of the random points, for determinism.
 
     Returns:
-        Scalar loss; its gradient reaches ``codes`` and ``codes_small`` only. The
-        work is B·P⁴ (P = 40: 2.6 M point pairs per image).
+        Scalar loss; its gradient reaches ``codes`` and ``codes_small`` only. It
+        covers all P²×P² point pairs (P = 40: 2.6 M per image), in O(B·P² log P)
+        for two-channel codes and O(B·P⁴) otherwise.
     """
     b = feats.shape[0]
     if not (feats_small.shape[0] == codes.shape[0] == codes_small.shape[0] == b):

@@ -70,6 +70,9 @@ def pseudo_labels(
     """
     check_bg_scores(high, low)
     b, k, h, w = cam.shape
+    bad_scale = isinstance(down_scale, bool) or not isinstance(down_scale, int) or not 1 <= down_scale <= min(h, w)
+    if refine is not None and bad_scale:
+        raise ConfigError(f"down_scale: expected an integer in [1, {min(h, w)}] (the CAM's side), got {down_scale!r}")
     if image.shape[0] != b or image.shape[-2:] != (h, w):
         raise ValueError(f"cam: expected B×K×H×W matching image {tuple(image.shape)}, got {tuple(cam.shape)}")
     if present is not None and present.shape != (b, k):
@@ -80,7 +83,8 @@ def pseudo_labels(
         stacks = F.interpolate(stacks, size=small, mode="bilinear", align_corners=False)
         image = F.interpolate(image, size=small, mode="bilinear", align_corners=False)
     if present is not None:
-        keep = torch.cat([present.new_ones(b, 1), present.bool()], dim=1).repeat(1, 2)
+        background = torch.ones(b, 1, dtype=torch.bool, device=present.device)
+        keep = torch.cat([background, present.bool()], dim=1).repeat(1, 2)
         stacks = stacks.masked_fill(~keep[:, :, None, None], float("-inf"))
     probs = torch.cat([part.softmax(dim=1) for part in stacks.split(k + 1, dim=1)], dim=1)
     if refine is not None:
