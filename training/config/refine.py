@@ -159,7 +159,12 @@ class RegionsStep:
             raise ConfigError(
                 f"proposal_params: expected a mapping of {self.backend} arguments, got {self.proposal_params!r}"
             )
-        parse_fields(BACKENDS.get(self.backend, field="backend"), self.proposal_params, f"backend {self.backend!r}")
+        backend = BACKENDS.get(self.backend, field="backend")
+        check_fields(backend, self.proposal_params, f"proposal_params of backend {self.backend!r}")
+        try:
+            backend(**self.proposal_params)
+        except ConfigError as err:  # every message starts with the field's name
+            raise ConfigError(f"proposal_params.{err}") from err
         check_selection(self.rule, self.iou_threshold, self.max_area, self.inside_fraction, self.coverage)
         names.FUSION_MODES.check(self.fusion, field="fusion")
 
