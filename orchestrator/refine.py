@@ -43,7 +43,8 @@ from orchestrator.refine_actors import (
     read_masks,
 )
 from postproc.pipeline import Pipeline
-from training.config.refine import SEED_KEY, best_k, expand_refine_grid, pipeline_key
+from training.config.refine import SEED_KEY, pipeline_key
+from training.config.sweep import best_k, expand_refine_grid
 from training.errors import ConfigError
 from training.metrics import IoUCounter
 

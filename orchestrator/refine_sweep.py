@@ -14,7 +14,7 @@ from pathlib import Path
 from orchestrator import sweep as sw
 from orchestrator.refine import log_refinement, make_units, refine_units, select_trials, summarise
 from orchestrator.tracking import SweepTracking
-from training.config.refine import RefineSection
+from training.config.sweep import RefineSection
 from training.errors import ConfigError
 from training.shards import atomic_write_text
 

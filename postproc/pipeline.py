@@ -38,7 +38,7 @@ from postproc.proposals import ProposalBackend, build_proposals
 from postproc.regions import refine_with_proposals
 from postproc.threshold import DEFAULT_THRESHOLD, seed_mask
 from training.config.parse import shallow_fields
-from training.config.refine import STEPS, CrfStep, RegionsStep, StepSpec, ThresholdStep, parse_pipeline
+from training.config.refine import SEED_KEY, STEPS, CrfStep, RegionsStep, StepSpec, ThresholdStep, parse_pipeline
 from training.errors import ConfigError
 from training.registry import Registry
 
@@ -120,7 +120,7 @@ class Pipeline:
     @property
     def key(self) -> str:
         """e.g. ``crf(scale=12)+regions(backend=superpixel,fusion=copy)``; ``seed`` if empty."""
-        return "+".join(spec.key for spec in self.specs) or "seed"
+        return "+".join(spec.key for spec in self.specs) or SEED_KEY
 
     def to_spec(self) -> list[dict[str, Any]]:
         return [spec.to_dict() for spec in self.specs]

@@ -3,6 +3,7 @@ each default written once, cross-field rules decided from the tables' facts."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 import subprocess
@@ -17,7 +18,6 @@ from training.config.refine import (
     BACKENDS,
     STEPS,
     CrfStep,
-    RefineSection,
     RegionsStep,
     SamParams,
     SuperpixelParams,
@@ -25,6 +25,7 @@ from training.config.refine import (
     pipeline_key,
     pipeline_uses_gpu,
 )
+from training.config.sweep import RefineSection
 from training.errors import ConfigError
 
 ROOT = Path(__file__).parents[1]
@@ -45,6 +46,42 @@ def test_validate_imports_no_heavy_package() -> None:
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Project module → project modules it imports anywhere in its body (function-level imports too)."""
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for pkg in ("training", "postproc", "orchestrator") for p in (ROOT / pkg).rglob("*.py")}  # fmt: skip
+    graph = {}
+    for module, path in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                named = {f"{node.module}.{a.name}" for a in node.names}  # `from pkg import module`
+                deps |= {n if n in files else node.module for n in named}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        graph[module] = {d for d in deps if d in files and d != module}
+    return graph
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_no_import_circle_and_the_schema_is_a_leaf() -> None:
+    graph = _import_graph()
+    circles = sorted(m for m in graph if m in _reachable(graph, m))
+    assert circles == []
+    leaf = {"training.errors", "training.registry"}
+    for module in (m for m in graph if m.startswith("training.config")):
+        outside = {d for d in _reachable(graph, module) if not d.startswith("training.config")}
+        assert outside <= leaf, f"{module} imports {sorted(outside - leaf)}"
 
 
 def _pairs():

@@ -7,8 +7,8 @@ a second. The modules, leaf first:
 - `names`: every name a config may use, and the facts the code needs about it;
 - `parse`: plain data → dataclasses, value checks, YAML and ``key=value`` overrides;
 - `trial`: the trial config (`TrialConfig` and its sections);
-- `refine`: refinement steps and the sweep file's ``refine:`` section;
-- `sweep`: the sweep file (`SearchSpace`, resources, scheduler, tables).
+- `refine`: refinement steps (one dataclass each) and pipelines;
+- `sweep`: the sweep file (`SearchSpace`, resources, scheduler, tables, its ``refine:`` section).
 
 Building happens elsewhere, once per trial, from these values: ``build_paradigm``,
 ``build_transfer_loss``, ``build_cam_method``, ``build_net`` in ``training``,

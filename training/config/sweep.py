@@ -4,12 +4,15 @@ A sweep file names a ``base`` trial config (a path relative to the sweep file,
 or an inline mapping), dotted ``set`` overrides, ``grid`` axes (cartesian
 product), ``sample`` axes (drawn ``num_samples`` times with a seeded generator),
 ``include`` trials added as they are (baselines), per-trial ``resources``, a
-``scheduler``, result ``tables`` and a ``refine:`` section. `load_space` reads
+``scheduler``, result ``tables`` and a ``refine:`` section (`RefineSection`:
+which trials, which refinement pipelines, how many actors). `load_space` reads
 and validates all of it; `orchestrator.space.expand` turns it into trials.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -17,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from training.config import names
-from training.config.parse import apply_overrides, from_dict, load_yaml, parse_overrides
-from training.config.refine import RefineSection
+from training.config.parse import apply_overrides, check_int, from_dict, load_yaml, parse_overrides
+from training.config.refine import parse_pipeline, pipeline_key
 from training.config.trial import TrialConfig
 from training.errors import ConfigError, did_you_mean
 
@@ -118,6 +121,129 @@ class TableSpec:
             values[key] = (raw,) if isinstance(raw, str) else tuple(raw)
         values["scale"] = float(values.get("scale", cls.scale))
         return cls(**values)
+
+
+# ---------------------------------------------------------------- the sweep file's refine: section
+
+
+def best_k(spec: Any) -> int | None:
+    """K of a ``best:K`` trial selection; None for any other spec.
+
+    Raises:
+        ConfigError: ``best:`` followed by anything but an integer ≥ 1.
+    """
+    if not (isinstance(spec, str) and spec.strip().startswith("best:")):
+        return None
+    k = spec.strip()[len("best:") :]
+    if not k.isdigit() or int(k) < 1:
+        raise ConfigError(f"refine.trials: {spec!r}; expected best:K with an integer K ≥ 1, all, or trial ids")
+    return int(k)
+
+
+@dataclass(frozen=True)
+class RefineSection:
+    """The ``refine:`` section of a sweep file, its pipelines expanded.
+
+    Attributes:
+        pipelines: the concrete pipeline specs (``{grid: [...]}`` expanded,
+            duplicates by key dropped), each a list of ``{"step": name, **fields}``.
+        trials: ``best:K``, ``all``, ``id,id`` or a list of trial ids.
+        cpu_actors: actors for CRF / superpixel units; 0 = one per CPU of the cluster.
+        gpu_actors: actors for SAM units (one GPU each).
+        max_retries: times a unit is requeued after its actor died.
+        raw: the section as written (a finished refinement is recognised by it).
+    """
+
+    pipelines: tuple[list[dict[str, Any]], ...]
+    trials: str | tuple[str, ...] = "all"
+    cpu_actors: int = 0
+    gpu_actors: int = 0
+    max_retries: int = 2
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, section: Any) -> RefineSection:
+        """Validate a ``refine:`` mapping; see :func:`expand_refine_grid` for ``pipelines``.
+
+        Raises:
+            ConfigError: naming ``refine.<key>`` (and for pipelines the grid choice,
+                the step and the field).
+        """
+        pipelines = expand_refine_grid(section)
+        trials = section.get("trials", cls.trials)
+        if isinstance(trials, list) and all(isinstance(t, str) for t in trials):
+            trials = tuple(trials)
+        elif not isinstance(trials, str):
+            raise ConfigError(f"refine.trials: expected best:K, all, or trial ids, got {trials!r}")
+        best_k(trials)
+        counts = {k: section.get(k, getattr(cls, k)) for k in ("cpu_actors", "gpu_actors", "max_retries")}
+        counts["cpu_actors"] = counts["cpu_actors"] or 0  # `cpu_actors:` left empty means all CPUs too
+        for key, value in counts.items():
+            check_int(f"refine.{key}", value, low=0)
+        return cls(tuple(pipelines), trials, **counts, raw=dict(section))
+
+
+REFINE_KEYS = tuple(f.name for f in dataclasses.fields(RefineSection) if f.name != "raw")
+
+
+def _variants(value: Any, where: str) -> list[tuple[Any, dict[str, Any]]]:
+    """Every concrete value of ``value`` with ``{grid: [...]}`` expanded, with the choices made."""
+    if isinstance(value, Mapping) and set(value) == {"grid"}:
+        choices = value["grid"]
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{where}: expected {{grid: [value, ...]}} with at least one value, got {value!r}")
+        return [(choice, {where: choice}) for choice in choices]
+    if isinstance(value, Mapping):
+        keys = list(value)
+        parts = [[(value[k], {})] if k == "step" else _variants(value[k], f"{where}.{k}") for k in keys]
+    elif isinstance(value, list):
+        keys = list(range(len(value)))
+        parts = [_variants(v, f"{where}[{k}]") for k, v in enumerate(value)]
+    else:
+        return [(value, {})]
+    out = []
+    for combo in itertools.product(*parts):
+        chosen = {path: v for _, made in combo for path, v in made.items()}
+        items = [v for v, _ in combo]
+        out.append((dict(zip(keys, items, strict=True)) if isinstance(value, Mapping) else items, chosen))
+    return out
+
+
+def expand_refine_grid(section: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
+    """The concrete pipeline specs of a ``refine:`` section, ``{grid: [...]}`` values expanded.
+
+    Each entry of ``pipelines`` gives the cartesian product of its grids (any
+    field of a step may be a grid, also inside ``proposal_params``; the step
+    name may not); the specs are validated and duplicates (same key) dropped.
+    Nothing is built: a SAM pipeline is checked without loading SAM.
+
+    Raises:
+        ConfigError: unknown section key, malformed grid, or an invalid pipeline
+            (the message names ``refine.pipelines[i]``, the grid choices, the step
+            and the field).
+    """
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"refine: expected a mapping with keys {', '.join(REFINE_KEYS)}, got {section!r}")
+    unknown = sorted(map(str, set(section) - set(REFINE_KEYS)))
+    if unknown:
+        hint = did_you_mean(unknown[0], REFINE_KEYS) if len(unknown) == 1 else ""
+        raise ConfigError(f"refine: unknown key(s) {', '.join(unknown)}; valid: {', '.join(REFINE_KEYS)}{hint}")
+    entries = section.get("pipelines")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"refine.pipelines: expected a non-empty list of pipelines (lists of steps), got {entries!r}")
+    specs: dict[str, list[dict[str, Any]]] = {}
+    for index, entry in enumerate(entries):
+        where = f"refine.pipelines[{index}]"
+        if not isinstance(entry, list):
+            raise ConfigError(f"{where}: expected a list of steps like [{{step: crf, scale: 12}}], got {entry!r}")
+        for spec, chosen in _variants(entry, where):
+            try:
+                parse_pipeline(spec)
+            except ConfigError as err:
+                made = ", ".join(f"{p[len(where):]}={v!r}" for p, v in chosen.items())
+                raise ConfigError(f"{where}" + (f" (grid choice {made})" if made else "") + f": {err}") from err
+            specs.setdefault(pipeline_key(spec), spec)
+    return list(specs.values())
 
 
 @dataclass(frozen=True)

@@ -154,9 +154,9 @@ class ModelConfig:
 class TransferConfig:
     """The knowledge-transfer term ``λ · L_transfer`` and the training paradigm."""
 
-    paradigm: str = "teacher_student"  # baseline | teacher_student | co_training
-    metric: str = "cosine"  # cosine | l1 | l2 | kl
-    level: str = "global"  # global | spatial | channel | spatial_map | gram | logits
+    paradigm: str = "teacher_student"  # a name in names.PARADIGMS
+    metric: str = "cosine"  # a name in names.TRANSFER_METRICS
+    level: str = "global"  # a name in names.ALIGNMENT_LEVELS (names.INVALID_PAIRS says which pairs fail)
     lam: float = 1.0
     temperature: float = 1.0  # kl only
     baseline_network: str = "student"  # baseline only: "student" (ViT) or "teacher" (CNN)
@@ -216,7 +216,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CamConfig:
-    method: str = "weight"  # weight (classifier-weight CAM) | gradcam
+    method: str = "weight"  # a name in names.CAM_METHODS
     scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
     threshold: float = 0.3
     layers: tuple[int, ...] = ()  # blocks to fuse, e.g. (-5, -4, -2, -1); () = last features
