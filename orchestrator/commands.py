@@ -98,9 +98,7 @@ def run_validate(args) -> int:
     print(f"  per trial: cpu={r.cpu:g} gpu={r.gpu:g}; max concurrent: {space.max_concurrent or 'unlimited'}")
     print(f"  tables: {', '.join(t.name for t in space.tables) or 'none'}")
     if space.refine:
-        from orchestrator.refine import expand_refine_grid
-
-        print(f"  refinement pipelines: {len(expand_refine_grid(space.refine))}")
+        print(f"  refinement pipelines: {len(space.refine.pipelines)}")
     if args.list:
         for t in trials:
             print(f"  {t.id}: {t.run_name}")

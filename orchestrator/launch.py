@@ -13,10 +13,16 @@ from pathlib import Path
 from orchestrator import sweep as sw
 from orchestrator.space import SearchSpace, TrialSpec
 from orchestrator.tracking import TrackingUnavailable
+from training.config import names
+from training.config.sweep import SchedulerSpec
 from training.errors import ConfigError, WsssError
+from training.registry import Registry
 
 # Passed on to trials: the test-only fault hook, and how long MLflow retries a dead server.
 PASSED_ENV = (sw.FAULT_ENV, "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
+SCHEDULERS: Registry = Registry("scheduler", names=names.SCHEDULERS)  # scheduler.type → Tune scheduler
 
 
 class ClusterError(WsssError):
@@ -291,19 +297,26 @@ def _trial_param(t: TrialSpec) -> dict:
     return {"trial_id": t.id, "run_name": t.run_name, "config": json.loads(json.dumps(t.config.to_dict()))}
 
 
-def _tune_config(space: SearchSpace):
-    from ray import tune
+@SCHEDULERS.register("none")
+def _no_scheduler(s: SchedulerSpec) -> None:
+    return None
+
+
+@SCHEDULERS.register("asha")
+def _asha(s: SchedulerSpec):
     from ray.tune.schedulers import ASHAScheduler
 
-    s = space.scheduler
-    scheduler = None
-    if s.type == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="epoch", metric=s.metric, mode=s.mode, grace_period=s.grace_period,
-            reduction_factor=s.reduction_factor, max_t=10_000,
-        )  # fmt: skip
+    return ASHAScheduler(
+        time_attr="epoch", metric=s.metric, mode=s.mode, grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor, max_t=10_000,
+    )  # fmt: skip
+
+
+def _tune_config(space: SearchSpace):
+    from ray import tune
+
     return tune.TuneConfig(
-        scheduler=scheduler,
+        scheduler=SCHEDULERS.get(space.scheduler.type)(space.scheduler),
         max_concurrent_trials=space.max_concurrent or None,
         trial_name_creator=_trial_id,
         trial_dirname_creator=_trial_id,

@@ -20,7 +20,6 @@ File layout, skipping of finished units and the actor pool are described in
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import math
 import re
@@ -33,7 +32,6 @@ import numpy as np
 
 from orchestrator.refine_actors import (
     FAILED,
-    SEED_KEY,
     SEED_SPEC,
     SKIPPED,
     RefineFailed,
@@ -41,11 +39,12 @@ from orchestrator.refine_actors import (
     UnitResult,
     attempt_unit,
     collect,
-    pipeline_key,
     read_counts,
     read_masks,
 )
 from postproc.pipeline import Pipeline
+from training.config.refine import SEED_KEY, pipeline_key
+from training.config.sweep import best_k, expand_refine_grid
 from training.errors import ConfigError
 from training.metrics import IoUCounter
 
@@ -173,90 +172,6 @@ def summarise(results: Sequence[UnitResult], *, allow_partial: bool = False) -> 
 
 # ---------------------------------------------------------------- the sweep file's refine: section
 
-REFINE_KEYS = ("trials", "pipelines", "cpu_actors", "gpu_actors", "max_retries")
-
-
-def _variants(value: Any, where: str) -> list[tuple[Any, dict[str, Any]]]:
-    """Every concrete value of ``value`` with ``{grid: [...]}`` expanded, with the choices made."""
-    if isinstance(value, Mapping) and set(value) == {"grid"}:
-        choices = value["grid"]
-        if not isinstance(choices, list) or not choices:
-            raise ConfigError(f"{where}: expected {{grid: [value, ...]}} with at least one value, got {value!r}")
-        return [(choice, {where: choice}) for choice in choices]
-    if isinstance(value, Mapping):
-        keys = list(value)
-        parts = [_variants(value[k], f"{where}.{k}") for k in keys]
-    elif isinstance(value, list):
-        keys = list(range(len(value)))
-        parts = [_variants(v, f"{where}[{k}]") for k, v in enumerate(value)]
-    else:
-        return [(value, {})]
-    out = []
-    for combo in itertools.product(*parts):
-        chosen = {path: v for _, made in combo for path, v in made.items()}
-        items = [v for v, _ in combo]
-        out.append((dict(zip(keys, items, strict=True)) if isinstance(value, Mapping) else items, chosen))
-    return out
-
-
-def _uses_sam(step: Any) -> bool:
-    return isinstance(step, Mapping) and step.get("step") == "regions" and step.get("backend") == "sam"
-
-
-def check_pipeline(spec: list[dict[str, Any]]) -> None:
-    """Validate a pipeline spec with ``Pipeline.from_spec``; SAM is not loaded (only its names checked).
-
-    Raises:
-        ConfigError: naming the step index, the step and the bad value.
-    """
-    from postproc.proposals import check_backend_params
-
-    if not isinstance(spec, list):
-        raise ConfigError(f"expected a list of steps, got {spec!r}")
-    # Building a SAM pipeline loads its checkpoint: validate the rest with a superpixel stand-in.
-    Pipeline.from_spec([{**s, "backend": "superpixel", "proposal_params": {}} if _uses_sam(s) else s for s in spec])
-    for index, step in enumerate(spec):
-        if _uses_sam(step):
-            params = step.get("proposal_params") or {}
-            try:
-                check_backend_params("sam", params if isinstance(params, Mapping) else {"?": params})
-            except ConfigError as err:
-                raise ConfigError(f"pipeline[{index}] (regions): {err}") from err
-
-
-def expand_refine_grid(section: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
-    """The concrete pipeline specs of a ``refine:`` section, ``{grid: [...]}`` values expanded.
-
-    Each entry of ``pipelines`` gives the cartesian product of its grids; the
-    specs are validated and duplicates (same pipeline key) dropped.
-
-    Raises:
-        ConfigError: unknown section key, malformed grid, or an invalid
-            pipeline (the message names ``refine.pipelines[i]``, the grid
-            choices, the step and the value).
-    """
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"refine: expected a mapping with keys {', '.join(REFINE_KEYS)}, got {section!r}")
-    unknown = sorted(set(section) - set(REFINE_KEYS))
-    if unknown:
-        raise ConfigError(f"refine: unknown key(s) {', '.join(map(str, unknown))}; valid: {', '.join(REFINE_KEYS)}")
-    entries = section.get("pipelines")
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"refine.pipelines: expected a non-empty list of pipelines (lists of steps), got {entries!r}")
-    specs: dict[str, list[dict[str, Any]]] = {}
-    for index, entry in enumerate(entries):
-        where = f"refine.pipelines[{index}]"
-        if not isinstance(entry, list):
-            raise ConfigError(f"{where}: expected a list of steps like [{{step: crf, scale: 12}}], got {entry!r}")
-        for spec, chosen in _variants(entry, where):
-            try:
-                check_pipeline(spec)
-            except ConfigError as err:
-                made = ", ".join(f"{p[len(where):]}={v!r}" for p, v in chosen.items())
-                raise ConfigError(f"{where}" + (f" (grid choice {made})" if made else "") + f": {err}") from err
-            specs.setdefault(pipeline_key(spec), spec)
-    return list(specs.values())
-
 
 def select_trials(rows: Sequence[Mapping[str, Any]], spec: str | Sequence[str], metric: str = "miou") -> list[str]:
     """Trial ids picked by ``best:K`` (highest ``metric`` first), ``all``, or ``id1,id2`` / a list.
@@ -272,14 +187,12 @@ def select_trials(rows: Sequence[Mapping[str, Any]], spec: str | Sequence[str], 
     ids = [str(row["trial_id"]) for row in rows]
     if isinstance(spec, str) and spec.strip() == "all":
         return ids
-    if isinstance(spec, str) and spec.strip().startswith("best:"):
-        k = spec.strip()[len("best:"):]
-        if not k.isdigit() or int(k) < 1:
-            raise ConfigError(f"refine.trials: {spec!r}; expected best:K with an integer K ≥ 1, all, or trial ids")
+    k = best_k(spec)
+    if k is not None:
         scored = [(float(r[metric]), str(r["trial_id"])) for r in rows if _finite(r.get(metric))]
         if not scored:
             raise ConfigError(f"refine.trials: {spec!r} but no trial has a numeric {metric!r}")
-        return [tid for _, tid in sorted(scored, key=lambda pair: -pair[0])[: int(k)]]
+        return [tid for _, tid in sorted(scored, key=lambda pair: -pair[0])[:k]]
     wanted = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s) for s in spec]
     wanted = [w for w in wanted if w]
     missing = [w for w in wanted if w not in ids]

@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from postproc.pipeline import Pipeline, StepSpec
+from postproc.pipeline import Pipeline
+from training.config.refine import pipeline_key, pipeline_uses_gpu
 from training.errors import ConfigError, DataError, WsssError
 from training.metrics import IoUCounter, iou_counts
 from training.shards import INDEX, atomic_path, atomic_write_text, read_shard
 
-SEED_KEY = "seed"
 SEED_SPEC: list[dict[str, Any]] = []  # the empty pipeline: seed_mask(cam, threshold=0.3), key "seed"
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 
@@ -84,7 +84,7 @@ class RefineUnit:
     @property
     def needs_gpu(self) -> bool:
         """Whether a step proposes regions with SAM (run on a GPU actor)."""
-        return any(step.get("step") == "regions" and step.get("backend") == "sam" for step in self.spec)
+        return pipeline_uses_gpu(self.spec)
 
     def __str__(self) -> str:
         return f"{self.trial_id}/{self.shard.name} × {self.key}"
@@ -102,11 +102,6 @@ class UnitResult:
     seconds: float = 0.0
     error: str | None = None
     node: str = ""  # the Ray node that refined it ("" when skipped or run without Ray)
-
-
-def pipeline_key(spec: Sequence[Mapping[str, Any]]) -> str:
-    """The key ``Pipeline.from_spec(spec).key`` would give, without building backends (SAM)."""
-    return "+".join(StepSpec.from_dict(entry, where=f"pipeline[{i}]").key for i, entry in enumerate(spec)) or SEED_KEY
 
 
 def refine_dir(trial_dir: Path, key: str) -> Path:

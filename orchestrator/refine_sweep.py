@@ -10,11 +10,11 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from orchestrator import sweep as sw
-from orchestrator.refine import expand_refine_grid, log_refinement, make_units, refine_units, select_trials, summarise
+from orchestrator.refine import log_refinement, make_units, refine_units, select_trials, summarise
 from orchestrator.tracking import SweepTracking
+from training.config.sweep import RefineSection
 from training.errors import ConfigError
 from training.shards import atomic_write_text
 
@@ -22,7 +22,7 @@ MARKER = "refine.json"
 
 
 def refine_sweep(
-    section: dict[str, Any],
+    section: RefineSection,
     root: Path,
     tracking: SweepTracking,
     *,
@@ -32,7 +32,7 @@ def refine_sweep(
     """Refine the chosen trials of the sweep in ``root`` with every pipeline of ``section``.
 
     Args:
-        section: the sweep file's ``refine:`` section (pipelines, trials, actors).
+        section: the sweep file's validated ``refine:`` section (pipelines, trials, actors).
         root: the sweep folder.
         tracking: the sweep's MLflow runs.
         trials: ``best:K``, ``all`` or ``id,id``; overrides ``section["trials"]``.
@@ -42,14 +42,13 @@ def refine_sweep(
     rows = sw.result_rows(root)
     if not rows:
         raise ConfigError(f"{root}: no finished trial to refine yet")
-    chosen = select_trials(rows, trials or section.get("trials", "all"))
-    units = make_units({t: root / "trials" / t for t in chosen}, expand_refine_grid(section))
-    cpu_actors = int(section.get("cpu_actors") or _cpus())
+    chosen = select_trials(rows, trials or section.trials)
+    units = make_units({t: root / "trials" / t for t in chosen}, section.pipelines)
     results = refine_units(
         units,
-        cpu_actors=cpu_actors,
-        gpu_actors=int(section.get("gpu_actors", 0)),
-        max_retries=int(section.get("max_retries", 2)),
+        cpu_actors=section.cpu_actors or _cpus(),
+        gpu_actors=section.gpu_actors,
+        max_retries=section.max_retries,
         progress=progress,
     )
     run_ids = {t: run.info.run_id for t in chosen if (run := tracking.find_child(t)) is not None}
@@ -61,18 +60,18 @@ def refine_sweep(
         tracking.tracker(tracking.parent_run_id).set_tags(
             {"wsss.refine_nodes": ", ".join(f"{node[:12]}: {n} units" for node, n in spread.most_common())}
         )
-    marker = {"section": section, "trials": chosen, "tables": tables, "nodes": nodes}
+    marker = {"section": dict(section.raw), "trials": chosen, "tables": tables, "nodes": nodes}
     atomic_write_text(root / MARKER, json.dumps(marker))
     return tables
 
 
-def refined_tables(section: dict[str, Any], root: Path) -> dict[str, str] | None:
-    """The tables of an earlier complete refinement with this same section, or None."""
+def refined_tables(section: RefineSection, root: Path) -> dict[str, str] | None:
+    """The tables of an earlier complete refinement with this same section (as written), or None."""
     path = root / MARKER
     if not path.is_file():
         return None
     done = json.loads(path.read_text())
-    return done["tables"] if done.get("section") == json.loads(json.dumps(section)) else None
+    return done["tables"] if done.get("section") == json.loads(json.dumps(dict(section.raw))) else None
 
 
 def _cpus() -> int:

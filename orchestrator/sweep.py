@@ -233,7 +233,7 @@ def _with_teachers(trials: list[TrialSpec], root: Path, cache: Path) -> list[Tri
     out = []
     for t in trials:
         cfg = t.config
-        if cfg.transfer.paradigm == "teacher_student" and not cfg.transfer.teacher_checkpoint:
+        if cfg.transfer.paradigm_info.frozen_teacher and not cfg.transfer.teacher_checkpoint:
             cached = ensure_teacher(cfg, cache)
             pinned = root / "teachers" / cached.name
             if not pinned.is_file():

@@ -13,72 +13,18 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator.tracking import SweepTracking
-from training.errors import ConfigError
+from training.config.sweep import TableSpec
 
 MISSING = "—"
 DEFAULT_METRICS = ("miou", "miou_per_image", "accuracy", "context_activation")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    """One pivot table: row fields × column fields → mean of ``value``.
-
-    Attributes:
-        name: file name stem (``tables/<name>.md``); letters, digits, ``_.-``.
-        rows: result keys whose values label the rows (e.g. ``("transfer.paradigm",)``).
-        columns: result keys whose values label the columns (joined by spaces).
-        value: the result key averaged in each cell.
-        fmt: format of a cell after scaling.
-        scale: multiplier applied before formatting (100 → percent, as in the thesis).
-    """
-
-    name: str
-    rows: tuple[str, ...]
-    columns: tuple[str, ...]
-    value: str = "miou"
-    fmt: str = "{:.2f}"
-    scale: float = 100.0
-
-    def __post_init__(self) -> None:
-        if not _SAFE_NAME.match(self.name):
-            raise ConfigError(f"table name {self.name!r}; expected letters, digits, '_', '.', '-'")
-        if not self.rows or not self.columns:
-            raise ConfigError(f"table {self.name!r}: rows and columns must each name at least one key")
-        try:
-            self.fmt.format(1.0)
-        except (ValueError, IndexError, KeyError) as err:
-            raise ConfigError(f"table {self.name!r}: fmt {self.fmt!r} cannot format a number ({err})") from err
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TableSpec:
-        """Build from YAML; ``rows``/``columns`` may be one string or a list.
-
-        Raises:
-            ConfigError: unknown or missing keys.
-        """
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ConfigError(f"table spec: unknown key {key!r}; expected one of {', '.join(sorted(known))}")
-        missing = [k for k in ("name", "rows", "columns") if k not in d]
-        if missing:
-            raise ConfigError(f"table spec {d.get('name', '?')!r}: missing key(s) {', '.join(missing)}")
-        values = dict(d)
-        for key in ("rows", "columns"):
-            raw = values[key]
-            values[key] = (raw,) if isinstance(raw, str) else tuple(raw)
-        values["scale"] = float(values.get("scale", 100.0))
-        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -1,41 +1,20 @@
 """Dense CRF refinement of a CAM (fully connected CRF, Krähenbühl & Koltun 2011).
 
-Uses the ``pydensecrf`` module, installed from the ``pydensecrf2`` package.
+Uses the ``pydensecrf`` module, installed from the ``pydensecrf2`` package. The
+defaults and ranges of the parameters are those of `training.config.refine.CrfStep`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from postproc.masks import check_cam, check_image, check_range
-from training.errors import ConfigError
+from postproc.masks import check_cam, check_image
+from training.config.refine import CrfStep
 
 UNARY_CLIP = 1e-5
 
 
-def check_crf_params(
-    *,
-    alpha: float = 1.0,
-    scale: float = 12.0,
-    iters: int = 10,
-    gauss_sxy: float = 3.0,
-    gauss_compat: float = 3.0,
-    bilateral_sxy: float = 80.0,
-    bilateral_srgb: float = 13.0,
-    bilateral_compat: float = 10.0,
-) -> None:
-    """Raise ConfigError for any out-of-range :func:`crf_refine` parameter."""
-    if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 1:
-        raise ConfigError(f"iters: expected an integer ≥ 1 (mean-field iterations), got {iters!r}")
-    check_range("alpha", alpha, low=0.0, low_open=True)
-    check_range("scale", scale, low=0.0, low_open=True)
-    for name, value in (("gauss_sxy", gauss_sxy), ("bilateral_sxy", bilateral_sxy), ("bilateral_srgb", bilateral_srgb)):
-        check_range(name, value, low=0.0, low_open=True)
-    check_range("gauss_compat", gauss_compat, low=0.0)
-    check_range("bilateral_compat", bilateral_compat, low=0.0)
-
-
-def crf_unary(cam: np.ndarray, *, alpha: float = 1.0) -> np.ndarray:
+def crf_unary(cam: np.ndarray, *, alpha: float = CrfStep.alpha) -> np.ndarray:
     """Two-label unary energies from a CAM.
 
     Background probability is ``(1 − cam)^alpha`` and foreground ``cam``; both
@@ -61,14 +40,14 @@ def crf_refine(
     image: np.ndarray,
     cam: np.ndarray,
     *,
-    alpha: float = 1.0,
-    scale: float = 12.0,
-    iters: int = 10,
-    gauss_sxy: float = 3.0,
-    gauss_compat: float = 3.0,
-    bilateral_sxy: float = 80.0,
-    bilateral_srgb: float = 13.0,
-    bilateral_compat: float = 10.0,
+    alpha: float = CrfStep.alpha,
+    scale: float = CrfStep.scale,
+    iters: int = CrfStep.iters,
+    gauss_sxy: float = CrfStep.gauss_sxy,
+    gauss_compat: float = CrfStep.gauss_compat,
+    bilateral_sxy: float = CrfStep.bilateral_sxy,
+    bilateral_srgb: float = CrfStep.bilateral_srgb,
+    bilateral_compat: float = CrfStep.bilateral_compat,
 ) -> np.ndarray:
     """Refine a CAM into a binary mask with a two-label dense CRF.
 
@@ -92,7 +71,7 @@ def crf_refine(
     """
     import pydensecrf.densecrf as dcrf
 
-    check_crf_params(
+    CrfStep(  # raises ConfigError naming an out-of-range parameter
         alpha=alpha,
         scale=scale,
         iters=iters,

@@ -1,15 +1,13 @@
 """Input checks and mask arithmetic shared by the refinement steps.
 
 Array problems (wrong shape, dtype or range) raise ``ValueError`` naming the
-argument and what was expected; bad tunables raise ``ConfigError`` via
-:func:`check_range`.
+argument and what was expected; bad tunables raise ``ConfigError`` from the
+step dataclasses of `training.config.refine`, which own their defaults and ranges.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from training.errors import ConfigError
 
 
 def check_cam(cam: np.ndarray, *, name: str = "cam") -> np.ndarray:
@@ -77,28 +75,6 @@ def check_mask(mask: np.ndarray, *, shape: tuple[int, int] | None = None, name: 
             raise ValueError(f"{name}: expected a bool or 0/1 mask, got dtype {mask.dtype}")
         mask = mask.astype(bool)
     return mask
-
-
-def check_range(
-    name: str,
-    value: float,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """Raise ConfigError unless ``low (<|<=) value (<|<=) high``."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        lo = "" if low is None else f"{'(' if low_open else '['}{low:g}"
-        hi = "" if high is None else f"{high:g}{')' if high_open else ']'}"
-        expected = f"a number in {lo or '(-inf'}, {hi or 'inf)'}"
-        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray, *, empty: float = 1.0) -> float:

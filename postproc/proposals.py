@@ -6,20 +6,23 @@ from :data:`PROPOSAL_BACKENDS`; :func:`build_proposals` is the factory.
 
 ``superpixel`` (scikit-image) is the CPU default; ``sam`` runs segment-anything's
 automatic mask generator and needs a local checkpoint file. torch and
-segment-anything are imported only when a SAM backend is built.
+segment-anything are imported only when a SAM backend is built. The parameters'
+defaults and ranges are those of `training.config.refine.SuperpixelParams` and
+`SamParams`, which check them.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 
-from postproc.masks import check_image, check_range
-from training.errors import CheckpointError, ConfigError
+from postproc.masks import check_image
+from training.config import refine
+from training.config.refine import SamParams, SuperpixelParams
+from training.errors import CheckpointError
 from training.registry import Registry
 
 
@@ -29,8 +32,7 @@ class ProposalBackend(Protocol):
         ...
 
 
-PROPOSAL_BACKENDS: Registry[type] = Registry("region-proposal backend")
-SUPERPIXEL_METHODS = ("felzenszwalb", "slic")
+PROPOSAL_BACKENDS: Registry[type] = Registry("region-proposal backend", names=refine.BACKENDS)
 
 
 @PROPOSAL_BACKENDS.register("superpixel")
@@ -49,20 +51,16 @@ class SuperpixelProposals:
     def __init__(
         self,
         *,
-        method: str = "felzenszwalb",
-        scale: float = 100.0,
-        sigma: float = 0.8,
-        min_size: int = 20,
-        n_segments: int = 100,
-        compactness: float = 10.0,
+        method: str = SuperpixelParams.method,
+        scale: float = SuperpixelParams.scale,
+        sigma: float = SuperpixelParams.sigma,
+        min_size: int = SuperpixelParams.min_size,
+        n_segments: int = SuperpixelParams.n_segments,
+        compactness: float = SuperpixelParams.compactness,
     ) -> None:
-        if method not in SUPERPIXEL_METHODS:
-            raise ConfigError(f"method: unknown superpixel method {method!r}; valid: {', '.join(SUPERPIXEL_METHODS)}")
-        check_range("scale", scale, low=0.0, low_open=True)
-        check_range("sigma", sigma, low=0.0)
-        check_range("min_size", min_size, low=1)
-        check_range("n_segments", n_segments, low=1)
-        check_range("compactness", compactness, low=0.0, low_open=True)
+        SuperpixelParams(  # raises ConfigError naming a bad value
+            method=method, scale=scale, sigma=sigma, min_size=min_size, n_segments=n_segments, compactness=compactness
+        )
         self.method = method
         self.scale, self.sigma, self.min_size = float(scale), float(sigma), int(min_size)
         self.n_segments, self.compactness = int(n_segments), float(compactness)
@@ -148,37 +146,28 @@ class SamProposals:
     def __init__(
         self,
         *,
-        model_type: str = "vit_b",
-        checkpoint: str | os.PathLike | None = None,
-        points_per_side: int = 32,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        min_mask_region_area: int = 0,
-        points_per_batch: int = 64,
-        device: str = "auto",
+        model_type: str = SamParams.model_type,
+        checkpoint: str | os.PathLike | None = SamParams.checkpoint,
+        points_per_side: int = SamParams.points_per_side,
+        pred_iou_thresh: float = SamParams.pred_iou_thresh,
+        stability_score_thresh: float = SamParams.stability_score_thresh,
+        min_mask_region_area: int = SamParams.min_mask_region_area,
+        points_per_batch: int = SamParams.points_per_batch,
+        device: str = SamParams.device,
         model: Any = None,
         model_builder: Callable[[], Any] | None = None,
     ) -> None:
-        check_range("points_per_side", points_per_side, low=1)
-        check_range("pred_iou_thresh", pred_iou_thresh, low=0.0, high=1.0)
-        check_range("stability_score_thresh", stability_score_thresh, low=0.0, high=1.0)
-        check_range("min_mask_region_area", min_mask_region_area, low=0)
-        check_range("points_per_batch", points_per_batch, low=1)
+        SamParams(  # raises ConfigError: a range, an unknown model_type, no checkpoint
+            model_type=model_type, checkpoint=checkpoint, points_per_side=points_per_side,
+            pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+            min_mask_region_area=min_mask_region_area, points_per_batch=points_per_batch, device=device,
+            model=model, model_builder=model_builder,
+        )  # fmt: skip
         from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
 
         if model is None:
             if model_builder is None:
-                if model_type not in sam_model_registry:
-                    raise ConfigError(
-                        f"model_type: unknown SAM architecture {model_type!r}; "
-                        f"valid: {', '.join(sorted(sam_model_registry))}"
-                    )
                 model_builder = lambda: sam_model_registry[model_type](checkpoint=None)
-            if checkpoint is None:
-                raise ConfigError(
-                    "checkpoint: expected the path of a local SAM checkpoint file, got None "
-                    "(no weights can be downloaded)"
-                )
             model = model_builder()
             load_sam_checkpoint(model, checkpoint, model_type=model_type)
         self.device = _auto_device(device)
@@ -199,25 +188,11 @@ class SamProposals:
         return [np.asarray(m["segmentation"], dtype=bool) for m in self.generator.generate(image)]
 
 
-def backend_params(name: str) -> list[str]:
-    """Keyword arguments accepted by the backend ``name``, in signature order."""
-    backend = PROPOSAL_BACKENDS.get(name, field="backend")
-    return [p for p in inspect.signature(backend.__init__).parameters if p != "self"]
-
-
-def check_backend_params(name: str, params: dict[str, Any]) -> None:
-    """Raise ConfigError for an unknown backend or a parameter it does not take."""
-    valid = backend_params(name)
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise ConfigError(f"backend {name!r}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-
-
 def build_proposals(name: str, **kwargs: Any) -> ProposalBackend:
     """Build the proposal backend registered as ``name`` with ``kwargs``.
 
     Raises:
-        ConfigError: unknown backend name (valid names listed) or parameter.
+        ConfigError: unknown backend name (valid names listed) or parameter, or a bad value.
     """
-    check_backend_params(name, kwargs)
+    refine.parse_fields(refine.BACKENDS.get(name, field="backend"), kwargs, f"backend {name!r}")
     return PROPOSAL_BACKENDS.get(name, field="backend")(**kwargs)

@@ -17,6 +17,9 @@ proposal lies" is read per rule exactly as the method describes it:
   returned unchanged, otherwise the regions alone.
 - ``majority``: per pixel: the seed survives at pixels covered by no proposal
   that passed the area filter; covered pixels take the proposals' verdict.
+
+The defaults and ranges of every parameter are those of
+`training.config.refine.RegionsStep`, the ``regions`` step of a pipeline.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from postproc.masks import check_mask, check_range, mask_iou
+from postproc.masks import check_mask, mask_iou
+from training.config import names
+from training.config.parse import check_range
+from training.config.refine import RegionsStep, check_selection
 from training.registry import Registry
 
 
@@ -45,8 +51,9 @@ class SelectionRule:
     seed_kept_per_pixel: bool
 
 
-SELECTION_RULES: Registry[SelectionRule] = Registry("region selection rule")
-FUSION_MODES: Registry[Callable[..., np.ndarray]] = Registry("fusion mode")
+SELECTION_RULES: Registry[SelectionRule] = Registry("region selection rule", names=names.SELECTION_RULES)
+FUSION_MODES: Registry[Callable[..., np.ndarray]] = Registry("fusion mode", names=names.FUSION_MODES)
+_D = RegionsStep  # the one owner of the defaults below
 
 
 def _keep_by_iou(proposal: np.ndarray, seed: np.ndarray, *, iou_threshold: float, **_: float) -> bool:
@@ -73,26 +80,7 @@ def _check_masks(masks: Sequence[np.ndarray], seed: np.ndarray) -> tuple[list, n
     return checked, seed
 
 
-def check_selection_params(
-    *,
-    rule: str = "iou",
-    iou_threshold: float = 0.35,
-    max_area: float = 0.5,
-    inside_fraction: float = 0.5,
-    coverage: float = 0.85,
-) -> None:
-    """Raise ConfigError for an unknown rule or an out-of-range fraction."""
-    SELECTION_RULES.check(rule, field="rule")
-    for name, value in (
-        ("iou_threshold", iou_threshold),
-        ("max_area", max_area),
-        ("inside_fraction", inside_fraction),
-        ("coverage", coverage),
-    ):
-        check_range(name, value, low=0.0, high=1.0)
-
-
-def candidate_masks(masks: Sequence[np.ndarray], *, max_area: float = 0.5) -> list[np.ndarray]:
+def candidate_masks(masks: Sequence[np.ndarray], *, max_area: float = _D.max_area) -> list[np.ndarray]:
     """Proposals that cover at most ``max_area`` of the image.
 
     Args:
@@ -110,11 +98,11 @@ def select_regions(
     masks: Sequence[np.ndarray],
     seed: np.ndarray,
     *,
-    rule: str = "iou",
-    iou_threshold: float = 0.35,
-    max_area: float = 0.5,
-    inside_fraction: float = 0.5,
-    coverage: float = 0.85,
+    rule: str = _D.rule,
+    iou_threshold: float = _D.iou_threshold,
+    max_area: float = _D.max_area,
+    inside_fraction: float = _D.inside_fraction,
+    coverage: float = _D.coverage,
 ) -> np.ndarray:
     """Union of the proposals that the selection ``rule`` assigns to the seed.
 
@@ -132,9 +120,7 @@ def select_regions(
     Returns:
         H×W bool union of the kept proposals (all False when none was kept).
     """
-    check_selection_params(
-        rule=rule, iou_threshold=iou_threshold, max_area=max_area, inside_fraction=inside_fraction, coverage=coverage
-    )
+    check_selection(rule, iou_threshold, max_area, inside_fraction, coverage)
     masks, seed = _check_masks(masks, seed)
     keep = SELECTION_RULES.get(rule, field="rule").keep
     regions = np.zeros(seed.shape, dtype=bool)
@@ -165,7 +151,7 @@ def fuse(
     seed: np.ndarray,
     regions: np.ndarray,
     *,
-    mode: str = "copy",
+    mode: str = _D.fusion,
     uncovered: np.ndarray | None = None,
 ) -> np.ndarray:
     """Combine the seed with the selected regions.
@@ -195,12 +181,12 @@ def refine_with_proposals(
     masks: Sequence[np.ndarray],
     seed: np.ndarray,
     *,
-    rule: str = "iou",
-    fusion: str = "copy",
-    iou_threshold: float = 0.35,
-    max_area: float = 0.5,
-    inside_fraction: float = 0.5,
-    coverage: float = 0.85,
+    rule: str = _D.rule,
+    fusion: str = _D.fusion,
+    iou_threshold: float = _D.iou_threshold,
+    max_area: float = _D.max_area,
+    inside_fraction: float = _D.inside_fraction,
+    coverage: float = _D.coverage,
 ) -> np.ndarray:
     """Select proposals with ``rule`` and fuse them with the seed by ``fusion``.
 

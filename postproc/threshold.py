@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from postproc.masks import check_cam, check_mask, check_range, mask_iou
+from postproc.masks import check_cam, check_mask, mask_iou
+from training.config.parse import check_range
+from training.config.refine import ThresholdStep
+from training.metrics import DEFAULT_THRESHOLDS
 
-DEFAULT_THRESHOLD = 0.3
-ORACLE_THRESHOLDS = np.linspace(0.05, 0.95, 19)
+DEFAULT_THRESHOLD = ThresholdStep.threshold  # the seed of a pipeline that starts without a CAM step
 
 
 def seed_mask(cam: np.ndarray, *, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
@@ -20,7 +22,7 @@ def seed_mask(cam: np.ndarray, *, threshold: float = DEFAULT_THRESHOLD) -> np.nd
     Returns:
         H×W bool seed mask.
     """
-    check_range("threshold", threshold, low=0.0, high=1.0)
+    ThresholdStep(threshold=threshold)  # raises ConfigError unless a number in [0, 1]
     return check_cam(cam) >= threshold
 
 
@@ -28,7 +30,7 @@ def oracle_threshold(
     cam: np.ndarray,
     gt: np.ndarray,
     *,
-    thresholds: np.ndarray | list[float] = ORACLE_THRESHOLDS,
+    thresholds: np.ndarray | list[float] = DEFAULT_THRESHOLDS,
 ) -> tuple[float, float]:
     """The threshold that maximises this image's IoU with its ground truth.
 

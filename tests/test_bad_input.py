@@ -172,10 +172,28 @@ def _space(tmp_path: Path, **sections) -> Path:
             {"grid": {"model.student.pretrained": ["false", "/no/vit.pth"]}},
             r"model\.student\.pretrained=/no/vit\.pth \(trial 001-_no_vit\.pth\); expected a \.pt/\.pth",
         ),
+        (
+            {"refine": {"pipelines": [[{"step": "crff"}]]}},
+            r"refine\.pipelines\[0\]: pipeline\[0\]\.step: unknown refinement step 'crff' \(did you mean \"crf\"\?\)",
+        ),
+        (
+            {"refine": {"pipelines": [[{"step": "crf", "sacle": 12}]]}},
+            r"pipeline\[0\]: step 'crf' has no parameter\(s\) sacle; valid: alpha, .*\(did you mean \"scale\"\?\)",
+        ),
+        (
+            {"refine": {"pipelines": [[{"step": "crf", "scale": {"grid": [12, -1]}}]]}},
+            r"refine\.pipelines\[0\] \(grid choice \[0\]\.scale=-1\): pipeline\[0\] \(crf\): scale: expected a number",
+        ),
+        (
+            {"refine": {"pipelines": [[{"step": "regions", "backend": "sam", "proposal_params": {"checkpoint": "s.pth",
+                                                                                            "points_per_side": 0}}]]}},
+            r"pipeline\[0\] \(regions\): proposal_params\.points_per_side: expected a number in \[1, inf\), got 0",
+        ),
     ],
     ids=[
         "unknown-section", "unknown-key", "unknown-paradigm", "metric-level", "negative-lambda", "empty-scales",
-        "gpu-fraction", "unknown-cam", "missing-teacher", "missing-pretrained",
+        "gpu-fraction", "unknown-cam", "missing-teacher", "missing-pretrained", "refine-unknown-step",
+        "refine-unknown-field", "refine-bad-value", "refine-bad-sam-value",
     ],
 )  # fmt: skip
 def test_validate_names_the_culprit(tmp_path, capsys, sections, expected):

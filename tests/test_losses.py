@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
+from training.config.names import valid_pairs
 from training.errors import ConfigError
 from training.losses import (
     LEVELS,
     METRICS,
     check_pair,
     transfer_loss,
-    valid_pairs,
 )
 
 LN3 = math.log(3.0)

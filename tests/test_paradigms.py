@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from training.config import TrialConfig
+from training.config.names import valid_pairs
 from training.errors import CheckpointError
-from training.losses import valid_pairs
 from training.models import build_net
 from training.paradigms import (
     PARADIGMS,
@@ -66,6 +66,36 @@ def test_every_paradigm_gives_finite_named_terms(make_config, teacher_file: Path
     expected = terms["loss_cls"] + terms.get("loss_cls_teacher", 0.0) + 0.5 * terms.get("loss_transfer", 0.0)
     assert terms["loss"] == pytest.approx(expected, rel=1e-6)
     assert torch.equal(images, before)
+
+
+@pytest.mark.parametrize("paradigm", PARADIGMS.names())
+def test_name_table_facts_agree_with_the_built_paradigm(make_config, teacher_file: Path, paradigm: str) -> None:
+    """The facts `wsss validate` decides from (names.PARADIGMS) are what the builder makes."""
+    cfg = make_config(**{"transfer.paradigm": paradigm})
+    facts = cfg.transfer.paradigm_info
+    model = _build(make_config, paradigm, teacher_file)
+    assert ("loss_transfer" in TERMS[paradigm]) is facts.transfer
+    teacher = getattr(model, "teacher", None)
+    frozen = teacher is not None and not any(p.requires_grad for p in teacher.parameters())
+    assert frozen is facts.frozen_teacher
+    assert facts.teacher_cache <= facts.frozen_teacher  # only a frozen teacher's features are constant
+    assert model.cam_net.is_vit is cfg.cam_net.is_vit and cfg.transfer.cam_network == (facts.cam_network or "student")
+
+
+def test_a_training_step_looks_no_name_up(make_config, teacher_file: Path, monkeypatch) -> None:
+    """`transfer.metric` and `transfer.level` are resolved when the paradigm is built, never per step."""
+    import training.losses as losses
+
+    model = _build(make_config, "co_training", teacher_file, **{"transfer.metric": "l1"})
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("a name was looked up during a training step")
+
+    monkeypatch.setattr(losses.METRICS, "get", no_lookup)
+    monkeypatch.setattr(losses.LEVELS, "get", no_lookup)
+    monkeypatch.setattr(losses, "check_pair", no_lookup)
+    loss, terms = model.loss(*_batch())
+    assert torch.isfinite(loss) and terms["loss_transfer"] > 0
 
 
 def test_baseline_network_choice(make_config, teacher_file: Path) -> None:

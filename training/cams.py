@@ -11,13 +11,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from training.config import CamConfig
+from training.config import CamConfig, names
 from training.errors import ConfigError
 from training.models import Backbone, pcm_refine
 from training.registry import Registry
 
 CamFn = Callable[[Backbone, torch.Tensor, tuple[int, ...]], torch.Tensor]
-CAM_METHODS: Registry[CamFn] = Registry("CAM method")
+CAM_METHODS: Registry[CamFn] = Registry("CAM method", names=names.CAM_METHODS)
+
+
+def build_cam_method(name: str) -> CamFn:
+    """The CAM function named ``name`` (``cam.method``), resolved once per extraction."""
+    return CAM_METHODS.get(name, field="cam.method")
 
 
 def normalise(cam: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -101,7 +106,9 @@ def scaled_size(size: int, scale: float, multiple: int) -> int:
     return max(multiple, round(size * scale / multiple) * multiple)
 
 
-def multiscale_cams(net: Backbone, images: torch.Tensor, cfg: CamConfig) -> torch.Tensor:
+def multiscale_cams(
+    net: Backbone, images: torch.Tensor, cfg: CamConfig, *, method: CamFn | None = None
+) -> torch.Tensor:
     """Multi-scale CAM: at each scale the CAM is resized back, normalised to [0,1],
     and the scales are averaged (the thesis's scales 0.5, 1, 1.5, 2).
 
@@ -109,14 +116,15 @@ def multiscale_cams(net: Backbone, images: torch.Tensor, cfg: CamConfig) -> torc
         net: the network whose CAMs are wanted, in eval mode.
         images: B×3×H×W normalised images.
         cfg: method, scales and fusion layers.
+        method: ``build_cam_method(cfg.method)`` when already resolved.
     Returns:
         B×H×W float32 CAM in [0, 1].
     """
-    return multiscale_cams_and_logits(net, images, cfg)[0]
+    return multiscale_cams_and_logits(net, images, cfg, method=method)[0]
 
 
 def multiscale_cams_and_logits(
-    net: Backbone, images: torch.Tensor, cfg: CamConfig
+    net: Backbone, images: torch.Tensor, cfg: CamConfig, *, method: CamFn | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`multiscale_cams` plus the B×K logits at the input size.
 
@@ -127,7 +135,7 @@ def multiscale_cams_and_logits(
     Returns:
         (B×H×W float32 CAM in [0, 1], B×K logits).
     """
-    method = CAM_METHODS.get(cfg.method, field="cam.method")
+    method = method or build_cam_method(cfg.method)
     shared = method is weight_cam and not cfg.layers  # the built-in weight CAM can share its forward
     h, w = images.shape[-2:]
     multiple = net.patch[0] if net.is_vit else 1

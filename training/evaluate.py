@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from training.cams import multiscale_cams_and_logits
+from training.cams import build_cam_method, multiscale_cams_and_logits
 from training.config import CamConfig
 from training.metrics import accuracy, cam_scores, masks_at, miou, subset_accuracy
 from training.models import Backbone
@@ -65,10 +65,11 @@ def extract_cams(
         num_workers: DataLoader workers decoding test images (pinned memory on CUDA).
     """
     net.eval()
+    method = build_cam_method(cfg.method)
     ids, cams, logits, labels = [], [], [], []
     for batch in _loader(evalset.dataset, cfg.batch_size, num_workers, device.type == "cuda"):
         images = batch["image"].to(device, non_blocking=True)
-        cam, logit = multiscale_cams_and_logits(net, images, cfg)
+        cam, logit = multiscale_cams_and_logits(net, images, cfg, method=method)
         logits.append(logit[:, 0].float().cpu())
         cams.extend(cam.cpu().numpy())
         ids.extend(batch["id"])

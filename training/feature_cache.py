@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from training.config import names
 from training.models import Backbone
 from training.shards import atomic_path, sha256_file
 
@@ -83,8 +84,8 @@ class TeacherFeatures:
 
 
 def cache_enabled(mode: str, augment: bool, paradigm: str) -> bool:
-    """The cache serves only frozen teachers on fixed (unaugmented) inputs."""
-    return paradigm == "teacher_student" and mode != "false" and not augment
+    """The cache serves only frozen teachers (`ParadigmInfo.teacher_cache`) on fixed (unaugmented) inputs."""
+    return names.PARADIGMS.get(paradigm, field="transfer.paradigm").teacher_cache and mode != "false" and not augment
 
 
 def data_digest(dataset) -> str:

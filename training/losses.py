@@ -3,9 +3,15 @@
 A loss is chosen by two names from the search space: an *alignment level*, which
 turns a feature map into paired "units" ``B×N×D`` (N units per sample, each a
 D-vector), and a *metric*, which turns each pair of units into one number. The
-loss is that number averaged over units and batch::
+loss is that number averaged over units and batch. The names are resolved once,
+when a trial builds its paradigm, and the training step calls the result::
 
-    transfer_loss(student, teacher, metric="cosine", level="global")
+    loss = build_transfer_loss("cosine", "global")   # checks the pair, looks both up
+    loss(student, teacher)                           # every step: no lookup, no check
+
+(``transfer_loss(student, teacher, metric=..., level=...)`` does both at once.)
+Which names exist, and which pairs are allowed, is the schema's
+(`training.config.names`); the registries here hold the implementations.
 
 Inputs are the projected feature maps ``B×C×H×W`` (same C; the learnable 1×1
 projections live with the models), or ``B×K`` logits for level ``logits``. When
@@ -17,39 +23,25 @@ networks; teacher-student callers detach the teacher themselves.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from training.config import names
+from training.config.names import check_pair
 from training.errors import ConfigError
 from training.registry import Registry
 
 UnitsFn = Callable[[Tensor], Tensor]
 MetricFn = Callable[[Tensor, Tensor, float], Tensor]
 
-METRICS: Registry[MetricFn] = Registry("transfer metric")
-LEVELS: Registry[UnitsFn] = Registry("alignment level")
+METRICS: Registry[MetricFn] = Registry("transfer metric", names=names.TRANSFER_METRICS)
+LEVELS: Registry[UnitsFn] = Registry("alignment level", names=names.ALIGNMENT_LEVELS)
 
 COSINE_EPS = 1e-8
-
-# Pairs that run but measure nothing useful; the value says why, for the error.
-_INVALID_PAIRS: dict[tuple[str, str], str] = {
-    ("cosine", "logits"): (
-        "the cosine of two 1-element logit vectors is only their sign agreement "
-        "(±1); use metric=kl, l1 or l2 for level=logits"
-    ),
-    **{
-        (metric, level): (
-            f"an elementwise mean over level={level} units is the same number as "
-            f"at level=global, which only regroups the same elements; use level=global"
-        )
-        for metric in ("l1", "l2")
-        for level in ("spatial", "channel")
-    },
-}
 
 
 # --------------------------------------------------------------------------- levels
@@ -212,31 +204,74 @@ def _with_zero_logit(units: Tensor) -> Tensor:
 # ------------------------------------------------------------------------ the loss
 
 
-def check_pair(metric: str, level: str) -> None:
-    """Raise ConfigError unless ``metric`` × ``level`` is a meaningful combination.
+@dataclass(frozen=True)
+class TransferLoss:
+    """A transfer loss with its names resolved: ``loss(student, teacher)`` → scalar.
+
+    Built once per trial by `build_transfer_loss`; a call looks nothing up and
+    checks only the shapes.
+
+    Attributes:
+        metric: the metric function (a `METRICS` entry).
+        units: the level's unit function (a `LEVELS` entry).
+        level: the level's name, for error messages.
+        on_logits: the level pairs B×K logits rather than B×C×H×W feature maps.
+        temperature: T for metric ``kl``; unused by the others.
+    """
+
+    metric: MetricFn
+    units: UnitsFn
+    level: str
+    on_logits: bool
+    temperature: float
+
+    def __call__(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """Args: ``B×C×H×W`` projected features (teacher resized bilinearly to the
+        student's H×W when they differ), or ``B×K`` logits when `on_logits`.
+        Returns a scalar tensor, differentiable w.r.t. both inputs."""
+        teacher = self._paired_teacher(student, teacher)
+        return self.metric(self.units(student), self.units(teacher), self.temperature).mean()
+
+    def _paired_teacher(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """Check the shapes and bring the teacher to the student's spatial size."""
+        ndim, layout = (2, "B×K") if self.on_logits else (4, "B×C×H×W")
+        if student.dim() != ndim or teacher.dim() != ndim:
+            raise ConfigError(
+                f"level={self.level} expects {layout} tensors, got student "
+                f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}"
+            )
+        if student.shape[:2] != teacher.shape[:2]:
+            what = "B and K" if self.on_logits else "B and C"
+            raise ConfigError(
+                f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must agree in {what}"
+            )
+        if ndim == 4 and student.shape[-2:] != teacher.shape[-2:]:
+            teacher = F.interpolate(teacher, size=student.shape[-2:], mode="bilinear", align_corners=False)
+        return teacher
+
+
+def build_transfer_loss(metric: str, level: str, *, temperature: float = 1.0) -> TransferLoss:
+    """Resolve a (metric, level) pair once.
 
     Args:
-        metric: a name in ``METRICS``.
-        level: a name in ``LEVELS``.
+        metric: a name in ``METRICS`` (``cosine``, ``l1``, ``l2``, ``kl``).
+        level: a name in ``LEVELS`` (``global``, ``spatial``, ``channel``,
+            ``spatial_map``, ``gram``, ``logits``).
+        temperature: T for metric ``kl`` (loss scaled by T²); > 0.
 
     Raises:
-        ConfigError: an unknown name (listing the valid ones) or an invalid pair
-            (saying why it is invalid).
+        ConfigError: an unknown or invalid metric/level, or a bad temperature.
     """
-    METRICS.check(metric, field="metric")
-    LEVELS.check(level, field="level")
-    reason = _INVALID_PAIRS.get((metric, level))
-    if reason is not None:
-        raise ConfigError(f"metric={metric} with level={level} is not allowed: {reason}")
-
-
-def valid_pairs() -> list[tuple[str, str]]:
-    """Every allowed ``(metric, level)`` pair, sorted by metric then level."""
-    return [
-        pair
-        for pair in itertools.product(METRICS.names(), LEVELS.names())
-        if pair not in _INVALID_PAIRS
-    ]
+    check_pair(metric, level)
+    if not temperature > 0:
+        raise ConfigError(f"temperature: must be > 0, got {temperature!r}")
+    return TransferLoss(
+        METRICS.get(metric, field="metric"),
+        LEVELS.get(level, field="level"),
+        level,
+        names.ALIGNMENT_LEVELS.get(level).on_logits,
+        temperature,
+    )
 
 
 def transfer_loss(
@@ -247,15 +282,15 @@ def transfer_loss(
     level: str,
     temperature: float = 1.0,
 ) -> Tensor:
-    """Knowledge-transfer loss between student and teacher features or logits.
+    """Knowledge-transfer loss between student and teacher features or logits, in one call
+    (`build_transfer_loss` then apply; a training loop builds once instead).
 
     Args:
         student: ``B×C×H×W`` projected features, or ``B×K`` logits for level ``logits``.
         teacher: ``B×C×H'×W'`` (resized bilinearly to H×W when the sizes
             differ), or ``B×K`` logits.
-        metric: a name in ``METRICS`` (``cosine``, ``l1``, ``l2``, ``kl``).
-        level: a name in ``LEVELS`` (``global``, ``spatial``, ``channel``,
-            ``spatial_map``, ``gram``, ``logits``).
+        metric: a name in ``METRICS``.
+        level: a name in ``LEVELS``.
         temperature: T for metric ``kl`` (loss scaled by T²); > 0.
 
     Returns:
@@ -265,32 +300,4 @@ def transfer_loss(
         ConfigError: an unknown or invalid metric/level, a bad temperature, or
             shapes that cannot be paired.
     """
-    check_pair(metric, level)
-    if not temperature > 0:
-        raise ConfigError(f"temperature: must be > 0, got {temperature!r}")
-    teacher = _paired_teacher(student, teacher, level)
-    units = LEVELS.get(level)
-    per_unit = METRICS.get(metric)(units(student), units(teacher), temperature)
-    return per_unit.mean()
-
-
-def _paired_teacher(student: Tensor, teacher: Tensor, level: str) -> Tensor:
-    """Check the shapes and bring the teacher to the student's spatial size."""
-    ndim = 2 if level == "logits" else 4
-    layout = "B×K" if level == "logits" else "B×C×H×W"
-    if student.dim() != ndim or teacher.dim() != ndim:
-        raise ConfigError(
-            f"level={level} expects {layout} tensors, got student "
-            f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}"
-        )
-    if student.shape[:2] != teacher.shape[:2]:
-        what = "B and K" if level == "logits" else "B and C"
-        raise ConfigError(
-            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
-            f"must agree in {what}"
-        )
-    if ndim == 4 and student.shape[-2:] != teacher.shape[-2:]:
-        teacher = F.interpolate(
-            teacher, size=student.shape[-2:], mode="bilinear", align_corners=False
-        )
-    return teacher
+    return build_transfer_loss(metric, level, temperature=temperature)(student, teacher)

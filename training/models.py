@@ -4,6 +4,8 @@ Every network here is a classifier whose logits are ``linear(mean(F))`` over its
 last feature map ``F`` (B×C×h×w). That makes the classifier-weight CAM exact:
 the spatial mean of ``w·F`` plus the bias is the logit. For ViTs this requires
 ``global_pool='avg'`` and ``fc_norm=False``, which `build_net` always sets.
+Whether a name is a ViT is decided once, from its timm family
+(`training.config.names.VIT_FAMILIES` via `NetConfig.is_vit`).
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ class Backbone(nn.Module):
     Args:
         net: a timm model (ResNet-like with ``forward_features`` → B×C×h×w, or a
             VisionTransformer built with average pooling).
+        is_vit: ``net`` is a vision transformer (`NetConfig.is_vit`, decided from its name).
         pcm: refine CAMs with the training-free pixel correlation module.
     """
 
-    def __init__(self, net: nn.Module, *, pcm: bool = False) -> None:
+    def __init__(self, net: nn.Module, *, is_vit: bool, pcm: bool = False) -> None:
         super().__init__()
         self.net = net
         self.pcm = pcm
-        self.is_vit = hasattr(net, "patch_embed") and hasattr(net, "blocks")
+        self.is_vit = is_vit
         self.channels_last = False
 
     def use_channels_last(self) -> Backbone:
@@ -119,7 +122,7 @@ def build_net(cfg: NetConfig, *, image_size: int) -> Backbone:
         raise ConfigError(f"model name {cfg.name!r}: not a timm model{did_you_mean(cfg.name, timm.list_models())}")
     kwargs = dict(cfg.options)
     kwargs["num_classes"] = NUM_CLASSES
-    if _is_vit_name(cfg.name):
+    if cfg.is_vit:
         kwargs.update(global_pool="avg", fc_norm=False, dynamic_img_size=True, img_size=image_size)
     else:
         kwargs.setdefault("output_stride", cfg.output_stride)
@@ -136,26 +139,22 @@ def build_net(cfg: NetConfig, *, image_size: int) -> Backbone:
             "with no network, set pretrained to a local checkpoint file instead"
         ) from None
     if cfg.pretrained.lower() not in ("true", "false"):
-        load_weights(net, Path(cfg.pretrained))
-    return Backbone(net, pcm=cfg.pcm)
+        load_weights(net, Path(cfg.pretrained), is_vit=cfg.is_vit)
+    return Backbone(net, is_vit=cfg.is_vit, pcm=cfg.pcm)
 
 
-def _is_vit_name(name: str) -> bool:
-    return name.startswith(("vit_", "deit_", "eva", "beit"))
-
-
-def load_weights(net: nn.Module, path: Path) -> None:
+def load_weights(net: nn.Module, path: Path, *, is_vit: bool) -> None:
     """Load a local checkpoint (.pth/.pt/.bin with ``weights_only``, or .safetensors).
 
     Classifier weights of another shape (ImageNet's 1000 classes) are skipped;
-    ViT position embeddings are resampled to the model's grid.
+    ViT position embeddings are resampled to the model's grid (``is_vit``).
 
     Raises:
         CheckpointError: the file is missing, unreadable, or shares no weight with the model.
     """
     state = read_state_dict(path)
     state = _unwrap(state)
-    if hasattr(net, "patch_embed"):
+    if is_vit:
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         state = checkpoint_filter_fn(state, net)

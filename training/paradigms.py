@@ -7,6 +7,9 @@
   ``BCE(student) + BCE(teacher) + λ · L_transfer``, gradients flowing both ways.
 
 Every paradigm returns its loss terms by name so the orchestrator logs all of them.
+What the rest of the code needs to know about a paradigm (does it need a frozen
+teacher, may it cache the teacher's features, whose CAMs count) is in its entry
+of `training.config.names.PARADIGMS`; the registry here holds the builders.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.config import TrialConfig
+from training.config import TrialConfig, names
 from training.errors import CheckpointError
-from training.losses import transfer_loss
+from training.losses import build_transfer_loss
 from training.models import Backbone, Projection, build_net, read_state_dict
 from training.registry import Registry
 
-PARADIGMS: Registry = Registry("paradigm")
+PARADIGMS: Registry = Registry("paradigm", names=names.PARADIGMS)
 
 
 class Paradigm(nn.Module):
@@ -71,7 +74,8 @@ class _Transfer(Paradigm):
     def __init__(self, cfg: TrialConfig, student: Backbone, teacher: Backbone) -> None:
         super().__init__()
         t = cfg.transfer
-        self.metric, self.level, self.lam, self.temperature = t.metric, t.level, t.lam, t.temperature
+        self.lam = t.lam
+        self.transfer_loss = build_transfer_loss(t.metric, t.level, temperature=t.temperature)  # resolved once
         self.cam_net = student
         self.teacher = teacher
         k = cfg.model.proj_channels
@@ -79,15 +83,9 @@ class _Transfer(Paradigm):
         self.proj_teacher = Projection(teacher.num_features, k)
 
     def transfer(self, s_logits, s_map, t_logits, t_map) -> torch.Tensor:
-        if self.level == "logits":
-            return transfer_loss(s_logits, t_logits, metric=self.metric, level="logits", temperature=self.temperature)
-        return transfer_loss(
-            self.proj_student(s_map),
-            self.proj_teacher(t_map),
-            metric=self.metric,
-            level=self.level,
-            temperature=self.temperature,
-        )
+        if self.transfer_loss.on_logits:
+            return self.transfer_loss(s_logits, t_logits)
+        return self.transfer_loss(self.proj_student(s_map), self.proj_teacher(t_map))
 
 
 class TeacherStudent(_Transfer):
@@ -130,8 +128,7 @@ class CoTraining(_Transfer):
 
 @PARADIGMS.register("baseline")
 def build_baseline(cfg: TrialConfig, teacher_checkpoint: str | None = None) -> Paradigm:
-    which = cfg.transfer.baseline_network
-    return Baseline(build_net(getattr(cfg.model, which), image_size=cfg.data.image_size))
+    return Baseline(build_net(cfg.cam_net, image_size=cfg.data.image_size))
 
 
 @PARADIGMS.register("teacher_student")

@@ -1,14 +1,21 @@
-"""Name → function registries, in the spirit of timm's model registry.
+"""Name → entry registries, in the spirit of timm's model registry.
 
-A YAML value such as ``metric: cosine`` selects a function by name. An unknown
-name fails at once and lists the valid ones, so ``wsss validate`` can check a
-search space before any GPU time is spent.
+A YAML value such as ``metric: cosine`` selects an entry by name. An unknown
+name fails at once, suggests the nearest one and lists the valid ones, so
+``wsss validate`` can check a search space before any GPU time is spent.
+
+Two kinds of registry share this class. The *name tables* of the schema
+(`training.config.names`) hold what a config may say and the facts about each
+name; they import neither torch nor timm. The *implementation* registries beside
+the code (``training.losses.METRICS``…) are created with ``names=`` their table:
+registering a name the table does not know is a bug, and a test checks that
+every name of a table has an implementation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
 from training.errors import ConfigError, did_you_mean
 
@@ -16,22 +23,35 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """A named collection of interchangeable implementations of one role.
+    """A named collection of interchangeable implementations (or facts) of one role.
 
     Args:
         kind: what the entries are, used in error messages ("alignment level").
+        names: the name table this registry implements; registering any other
+            name raises.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, names: Registry[Any] | None = None) -> None:
         self.kind = kind
+        self.table = names
         self._entries: dict[str, T] = {}
 
+    @classmethod
+    def of(cls, kind: str, entries: Mapping[str, T]) -> Registry[T]:
+        """A registry holding ``entries`` (a name table written as one mapping)."""
+        registry: Registry[T] = cls(kind)
+        for name, entry in entries.items():
+            registry.register(name)(entry)
+        return registry
+
     def register(self, name: str) -> Callable[[T], T]:
-        """Decorator that adds an entry under ``name``; duplicate names are a bug."""
+        """Decorator that adds an entry under ``name``; duplicate or untabled names are a bug."""
 
         def add(entry: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
+            if self.table is not None and name not in self.table:
+                raise ValueError(f"{self.kind} {name!r} is not in its name table; add it to training.config.names")
             self._entries[name] = entry
             return entry
 
@@ -62,7 +82,10 @@ class Registry(Generic[T]):
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        try:
+            return name in self._entries
+        except TypeError:  # an unhashable YAML value (a list) is no name
+            return False
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -34,7 +34,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from training.errors import ConfigError, DataError
+from training.config.trial import SynthConfig
+from training.errors import DataError
 
 GENERATOR_VERSION = 3  # bump when rendering changes, so cached datasets are rebuilt
 MIN_CHANGE = 12.0
@@ -45,62 +46,6 @@ BOTTOM_ENTRY = 0.8
 _SPLIT_CODES = {"train": 0, "test": 1}
 _PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1]  # much faster than the default, files a bit larger
 Point = tuple[float, float]
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    """Parameters of the synthetic benchmark (all sizes relative to ``size``).
-
-    Attributes:
-        size: side of the square images, px.
-        n_train: training images (smoke and clean together).
-        n_test: test images (coupled and decoupled subsets together).
-        smoke_fraction: share of smoke images in train and in the coupled test subset.
-        chimney_in_clean: probability that a clean train/coupled-test image shows a chimney.
-        decoupled_fraction: share of the test split that is the decoupled subset.
-        min_opacity: lowest peak opacity of a plume.
-        max_opacity: highest peak opacity of a plume.
-        distractor_prob: probability of grey clouds and/or haze, in both classes.
-        plume_scale: multiplies plume width and length; the difficulty knob.
-        seed: makes the whole dataset reproducible.
-    """
-
-    size: int = 96
-    n_train: int = 1200
-    n_test: int = 240
-    smoke_fraction: float = 0.6
-    chimney_in_clean: float = 0.1
-    decoupled_fraction: float = 0.25
-    min_opacity: float = 0.35
-    max_opacity: float = 0.9
-    distractor_prob: float = 0.5
-    plume_scale: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check(self, "size", lo=32, hi=4096, integer=True)
-        _check(self, "n_train", lo=2, hi=10**7, integer=True)
-        _check(self, "n_test", lo=1, hi=10**7, integer=True)
-        _check(self, "seed", lo=0, hi=2**63 - 1, integer=True)
-        for name in ("smoke_fraction", "chimney_in_clean", "decoupled_fraction", "distractor_prob"):
-            _check(self, name, lo=0.0, hi=1.0)
-        _check(self, "min_opacity", lo=0.05, hi=1.0)
-        _check(self, "max_opacity", lo=self.min_opacity, hi=1.0)
-        _check(self, "plume_scale", lo=0.2, hi=3.0)
-        n_smoke = round(self.n_train * self.smoke_fraction)
-        if not 0 < n_smoke < self.n_train:
-            raise ConfigError(
-                f"synth.smoke_fraction: expected a value leaving at least one smoke and one clean "
-                f"image among n_train={self.n_train}, got {self.smoke_fraction}"
-            )
-
-
-def _check(cfg: SynthConfig, name: str, *, lo: float, hi: float, integer: bool = False) -> None:
-    value = getattr(cfg, name)
-    types = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, types) or not lo <= value <= hi:
-        what = "an integer" if integer else "a number"
-        raise ConfigError(f"synth.{name}: expected {what} in [{lo}, {hi}], got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,7 @@ def run_trial(
     configure_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     train_ds, evalset = load_splits(cfg.data, prepare_data(cfg.data, cache))
-    if cfg.transfer.paradigm == "teacher_student":
+    if cfg.transfer.paradigm_info.frozen_teacher:
         teacher_checkpoint = str(teacher_checkpoint or cfg.transfer.teacher_checkpoint or ensure_teacher(cfg, cache))
     seed_everything(cfg.train.seed)  # same initial weights whether or not a teacher was just trained
     model = build_paradigm(cfg, teacher_checkpoint).to(device)

@@ -1,0 +1,199 @@
+"""Name tables: every name a config may use, and the facts the code needs about it.
+
+A YAML value such as ``transfer.metric: cosine`` must be a name in one of these
+tables. The implementations live in registries beside their code
+(``training.losses.METRICS``, ``training.paradigms.PARADIGMS``…), each created
+with ``names=`` its table here, and a test checks that the two agree exactly.
+Facts that the code once derived from strings ("teacher_student needs a frozen
+teacher", "a name starting with vit_ is a ViT") are written here once, so the
+schema can check cross-field rules at ``wsss validate`` time without building
+anything. Nothing here imports numpy, torch or timm.
+
+The tables of refinement steps and region-proposal backends hold dataclasses
+and live in `training.config.refine`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from training.errors import ConfigError
+from training.registry import Registry
+
+# ---------------------------------------------------------------- paradigms
+
+
+@dataclass(frozen=True)
+class ParadigmInfo:
+    """What the code needs to know about a paradigm without building it.
+
+    Attributes:
+        summary: one line saying what learns and what it minimises.
+        transfer: has a transfer term, so ``transfer.metric/level/lam/temperature`` apply.
+        frozen_teacher: trains against a frozen, already trained teacher (trained
+            first when ``transfer.teacher_checkpoint`` is empty).
+        teacher_cache: the teacher's features may be computed once and cached
+            (``train.teacher_cache``); only a frozen teacher allows it.
+        cam_network: the network whose CAMs are evaluated, ``student`` or
+            ``teacher``; empty when ``transfer.baseline_network`` names it.
+    """
+
+    summary: str
+    transfer: bool
+    frozen_teacher: bool
+    teacher_cache: bool
+    cam_network: str
+
+
+PARADIGMS: Registry[ParadigmInfo] = Registry.of("paradigm", {
+    "baseline": ParadigmInfo(
+        "one network (transfer.baseline_network), BCE only",
+        transfer=False, frozen_teacher=False, teacher_cache=False, cam_network="",
+    ),
+    "teacher_student": ParadigmInfo(
+        "a frozen CNN teacher; the student learns BCE + λ·L_transfer",
+        transfer=True, frozen_teacher=True, teacher_cache=True, cam_network="student",
+    ),
+    "co_training": ParadigmInfo(
+        "both networks learn BCE(student) + BCE(teacher) + λ·L_transfer",
+        transfer=True, frozen_teacher=False, teacher_cache=False, cam_network="student",
+    ),
+})  # fmt: skip
+NETWORKS = ("student", "teacher")  # the two networks of model: (transfer.baseline_network picks one)
+
+
+# ---------------------------------------------------------------- transfer losses
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    """An alignment level: how a feature map (or the logits) is cut into paired units.
+
+    Attributes:
+        summary: the units, with shapes.
+        on_logits: the level pairs B×K logits instead of projected B×C×H×W maps.
+    """
+
+    summary: str
+    on_logits: bool = False
+
+
+TRANSFER_METRICS: Registry[str] = Registry.of("transfer metric", {
+    "cosine": "1 − cos(s, t) per unit pair",
+    "l1": "mean absolute difference per unit pair",
+    "l2": "mean squared difference per unit pair",
+    "kl": "T² · KL(softmax(t/T) ‖ softmax(s/T)) per unit pair",
+})  # fmt: skip
+ALIGNMENT_LEVELS: Registry[LevelInfo] = Registry.of("alignment level", {
+    "global": LevelInfo("each sample's whole map as one unit, B×1×(C·H·W)"),
+    "spatial": LevelInfo("the channel vector at every position, B×(H·W)×C"),
+    "channel": LevelInfo("each channel's flattened map, B×C×(H·W)"),
+    "spatial_map": LevelInfo("the channel-mean map as one unit, B×1×(H·W)"),
+    "gram": LevelInfo("the channel Gram matrix F·Fᵀ/(H·W) as one unit, B×1×(C·C)"),
+    "logits": LevelInfo("the logit vector as one unit, B×1×K", on_logits=True),
+})  # fmt: skip
+
+# Pairs that would run but measure nothing useful; the value says why, for the error.
+INVALID_PAIRS: dict[tuple[str, str], str] = {
+    ("cosine", "logits"): (
+        "the cosine of two 1-element logit vectors is only their sign agreement "
+        "(±1); use metric=kl, l1 or l2 for level=logits"
+    ),
+    **{
+        (metric, level): (
+            f"an elementwise mean over level={level} units is the same number as "
+            f"at level=global, which only regroups the same elements; use level=global"
+        )
+        for metric in ("l1", "l2")
+        for level in ("spatial", "channel")
+    },
+}
+
+
+def check_pair(metric: str, level: str, *, path: str = "") -> None:
+    """Raise ConfigError unless ``metric`` × ``level`` is a meaningful combination.
+
+    Args:
+        metric: a name in `TRANSFER_METRICS`.
+        level: a name in `ALIGNMENT_LEVELS`.
+        path: the config section the names come from (``transfer``), quoted in errors.
+
+    Raises:
+        ConfigError: an unknown name (naming its field, listing the valid ones) or
+            an invalid pair (saying why it is invalid).
+    """
+    prefix = f"{path}." if path else ""
+    TRANSFER_METRICS.check(metric, field=f"{prefix}metric")
+    ALIGNMENT_LEVELS.check(level, field=f"{prefix}level")
+    reason = INVALID_PAIRS.get((metric, level))
+    if reason is not None:
+        where = f"{prefix}metric/{prefix}level: " if path else ""
+        raise ConfigError(f"{where}metric={metric} with level={level} is not allowed: {reason}")
+
+
+def valid_pairs() -> list[tuple[str, str]]:
+    """Every allowed ``(metric, level)`` pair, sorted by metric then level."""
+    pairs = itertools.product(TRANSFER_METRICS.names(), ALIGNMENT_LEVELS.names())
+    return [pair for pair in pairs if pair not in INVALID_PAIRS]
+
+
+# ---------------------------------------------------------------- networks and CAMs
+
+@dataclass(frozen=True)
+class CamMethodInfo:
+    """A CAM method. ``layer_fusion``: it can fuse the CAMs of several ViT blocks (``cam.layers``)."""
+
+    summary: str
+    layer_fusion: bool
+
+
+CAM_METHODS: Registry[CamMethodInfo] = Registry.of("CAM method", {
+    "weight": CamMethodInfo("relu(Σ_c w_c·F_c) with the classifier weights", layer_fusion=True),
+    "gradcam": CamMethodInfo("Grad-CAM of the smoke logit (ViT: the last block's norm1)", layer_fusion=False),
+})  # fmt: skip
+
+# timm name prefixes of the vision transformers (patch embedding + blocks of tokens).
+# Together they cover every model of timm's `vision_transformer` and `deit` modules;
+# a test checks that against timm and that no other family is caught.
+VIT_FAMILIES = ("vit_", "deit_", "deit3_", "flexivit_", "aimv2_", "test_vit", "eva", "beit")
+
+
+def is_vit(name: str) -> bool:
+    """Whether the timm model ``name`` is a vision transformer (decided here only)."""
+    return name.startswith(VIT_FAMILIES)
+
+
+# ---------------------------------------------------------------- refinement names
+
+SELECTION_RULES: Registry[str] = Registry.of("region selection rule", {
+    "iou": "keep a proposal whose IoU with the seed is ≥ iou_threshold (the thesis)",
+    "majority": "keep a proposal mostly inside the seed or covering most of it (Chen et al. 2023)",
+})  # fmt: skip
+FUSION_MODES: Registry[str] = Registry.of("fusion mode", {
+    "and": "seed ∩ regions",
+    "or": "seed ∪ regions",
+    "copy": "the regions, the seed where no proposal lies",
+})  # fmt: skip
+SUPERPIXEL_METHODS: Registry[str] = Registry.of("superpixel method", {
+    "felzenszwalb": "graph-based segmentation (scale, sigma, min_size)",
+    "slic": "k-means in colour and position (n_segments, compactness, sigma)",
+})  # fmt: skip
+# segment_anything.sam_model_registry's keys (a test checks they agree)
+SAM_MODEL_TYPES: Registry[str] = Registry.of("SAM architecture", {
+    "default": "ViT-H", "vit_h": "ViT-H", "vit_l": "ViT-L", "vit_b": "ViT-B",
+})  # fmt: skip
+
+
+# ---------------------------------------------------------------- sweeps
+
+SAMPLERS: Registry[str] = Registry.of("sampler", {
+    "choice": "one of the listed values",
+    "uniform": "uniform in [low, high)",
+    "loguniform": "log-uniform in [low, high), low > 0",
+    "randint": "an integer in [low, high)",
+})  # fmt: skip
+SCHEDULERS: Registry[str] = Registry.of("scheduler", {
+    "none": "every trial runs to the end",
+    "asha": "asynchronous successive halving on scheduler.metric per epoch",
+})  # fmt: skip

@@ -1,0 +1,316 @@
+"""Refinement pipelines as a config says them: one frozen dataclass per step.
+
+A pipeline is an ordered list of steps, each written ``{step: name, **fields}``::
+
+    - {step: crf, scale: 12}
+    - {step: regions, backend: sam, rule: iou, fusion: copy,
+       proposal_params: {checkpoint: sam_vit_b_01ec64.pth, points_per_side: 32}}
+
+:data:`STEPS` maps a step name to its dataclass, which owns the step's defaults
+and ranges. The pure functions of ``postproc`` take their keyword defaults from
+these dataclasses (``crf_refine(..., scale=CrfStep.scale)``), so a sweep file,
+``wsss validate`` and a direct call can never disagree. A new step is one
+dataclass registered here plus one builder registered in `postproc.pipeline`.
+
+A pipeline is named by its :attr:`StepSpec.key`, built from the fields written
+explicitly (``crf(scale=12)``), so refinement folders and MLflow keys stay the
+same whatever the defaults. In a sweep file's ``refine:`` section any field may
+be ``{grid: [...]}`` instead (see `training.config.sweep.expand_refine_grid`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from training.config import names
+from training.config.parse import check_int, check_range, shallow_fields
+from training.errors import ConfigError, did_you_mean
+from training.registry import Registry
+
+STEPS: Registry[type] = Registry("refinement step")
+BACKENDS: Registry[type] = Registry("region-proposal backend")  # name → its parameters' dataclass
+SEED_KEY = "seed"  # the key of the empty pipeline: the thresholded CAM alone
+
+# ---------------------------------------------------------------- proposal backends
+
+
+@BACKENDS.register("superpixel")
+@dataclass(frozen=True)
+class SuperpixelParams:
+    """`postproc.proposals.SuperpixelProposals`: one proposal per superpixel (CPU)."""
+
+    uses_gpu: ClassVar[bool] = False
+    method: str = "felzenszwalb"  # felzenszwalb | slic
+    scale: float = 100.0  # felzenszwalb: higher means larger segments
+    sigma: float = 0.8  # Gaussian pre-smoothing width, both methods
+    min_size: int = 20  # felzenszwalb: smallest segment, px
+    n_segments: int = 100  # slic: approximate number of segments
+    compactness: float = 10.0  # slic: higher gives squarer segments
+
+    def __post_init__(self) -> None:
+        names.SUPERPIXEL_METHODS.check(self.method, field="method")
+        check_range("scale", self.scale, low=0.0, low_open=True)
+        check_range("sigma", self.sigma, low=0.0)
+        check_range("min_size", self.min_size, low=1)
+        check_range("n_segments", self.n_segments, low=1)
+        check_range("compactness", self.compactness, low=0.0, low_open=True)
+
+
+@BACKENDS.register("sam")
+@dataclass(frozen=True)
+class SamParams:
+    """`postproc.proposals.SamProposals`: segment-anything's automatic mask generator (GPU)."""
+
+    uses_gpu: ClassVar[bool] = True
+    model_type: str = "vit_b"  # a key of segment_anything.sam_model_registry
+    checkpoint: str | os.PathLike | None = None  # a local SAM state-dict file; nothing is downloaded
+    points_per_side: int = 32  # point-prompt grid; 32 in the thesis (16 lost 0.5 IoU)
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    min_mask_region_area: int = 0  # px
+    points_per_batch: int = 64  # prompts per decoder call: memory vs speed, same masks
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    model: Any = None  # a ready segment_anything Sam, instead of model_type + checkpoint
+    model_builder: Any = None  # () → an untrained Sam of a custom architecture (tests)
+
+    def __post_init__(self) -> None:
+        check_range("points_per_side", self.points_per_side, low=1)
+        check_range("pred_iou_thresh", self.pred_iou_thresh, low=0.0, high=1.0)
+        check_range("stability_score_thresh", self.stability_score_thresh, low=0.0, high=1.0)
+        check_range("min_mask_region_area", self.min_mask_region_area, low=0)
+        check_range("points_per_batch", self.points_per_batch, low=1)
+        if self.model is None and self.model_builder is None:
+            names.SAM_MODEL_TYPES.check(self.model_type, field="model_type")
+        if self.model is None and self.checkpoint is None:
+            raise ConfigError(
+                "checkpoint: expected the path of a local SAM checkpoint file, got None (no weights can be downloaded)"
+            )
+
+
+# Backend arguments that do not change the masks stay out of pipeline keys.
+_NOT_IN_KEY = frozenset({"device", "points_per_batch"})
+
+
+# ---------------------------------------------------------------- steps
+
+
+@STEPS.register("threshold")
+@dataclass(frozen=True)
+class ThresholdStep:
+    """cam → seed mask: smoke where the activation is ≥ ``threshold`` (`postproc.threshold.seed_mask`)."""
+
+    starts_from_cam: ClassVar[bool] = True
+    uses_gpu: ClassVar[bool] = False
+    threshold: float = 0.3  # the thesis's seed threshold, in [0, 1]
+
+    def __post_init__(self) -> None:
+        check_range("threshold", self.threshold, low=0.0, high=1.0)
+
+
+@STEPS.register("crf")
+@dataclass(frozen=True)
+class CrfStep:
+    """image, cam → dense-CRF mask (`postproc.crf.crf_refine`); spatial deviations are divided by ``scale``."""
+
+    starts_from_cam: ClassVar[bool] = True
+    uses_gpu: ClassVar[bool] = False
+    alpha: float = 1.0  # exponent on the background probability (1 − cam)^alpha, > 0
+    scale: float = 12.0  # the thesis's scale factor: 12–16 best, 2 collapsed; > 0
+    iters: int = 10  # mean-field iterations, ≥ 1
+    gauss_sxy: float = 3.0  # smoothness kernel: spatial deviation before scaling, px
+    gauss_compat: float = 3.0  # smoothness kernel weight, ≥ 0
+    bilateral_sxy: float = 80.0  # appearance kernel: spatial deviation before scaling, px
+    bilateral_srgb: float = 13.0  # appearance kernel: colour deviation, 0–255 units
+    bilateral_compat: float = 10.0  # appearance kernel weight, ≥ 0
+
+    def __post_init__(self) -> None:
+        check_int("iters", self.iters, low=1, what="mean-field iterations")
+        for name in ("alpha", "scale", "gauss_sxy", "bilateral_sxy", "bilateral_srgb"):
+            check_range(name, getattr(self, name), low=0.0, low_open=True)
+        check_range("gauss_compat", self.gauss_compat, low=0.0)
+        check_range("bilateral_compat", self.bilateral_compat, low=0.0)
+
+
+@STEPS.register("regions")
+@dataclass(frozen=True)
+class RegionsStep:
+    """image, current mask → the mask snapped to region proposals
+    (`postproc.regions.refine_with_proposals`, proposals from ``backend``)."""
+
+    starts_from_cam: ClassVar[bool] = False
+    backend: str = "superpixel"  # a name in BACKENDS
+    proposal_params: Mapping[str, Any] = field(default_factory=dict)  # that backend's fields
+    rule: str = "iou"  # a name in names.SELECTION_RULES
+    fusion: str = "copy"  # a name in names.FUSION_MODES
+    iou_threshold: float = 0.35  # iou rule: smallest IoU with the seed to keep a proposal
+    max_area: float = 0.5  # proposals covering more of the image are dropped
+    inside_fraction: float = 0.5  # majority rule: keep when more than this lies inside the seed
+    coverage: float = 0.85  # majority rule: keep when it covers at least this much of the seed
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.proposal_params, Mapping):
+            raise ConfigError(
+                f"proposal_params: expected a mapping of {self.backend} arguments, got {self.proposal_params!r}"
+            )
+        backend = BACKENDS.get(self.backend, field="backend")
+        check_fields(backend, self.proposal_params, f"proposal_params of backend {self.backend!r}")
+        try:
+            backend(**self.proposal_params)
+        except ConfigError as err:  # every message starts with the field's name
+            raise ConfigError(f"proposal_params.{err}") from err
+        check_selection(self.rule, self.iou_threshold, self.max_area, self.inside_fraction, self.coverage)
+        names.FUSION_MODES.check(self.fusion, field="fusion")
+
+    @functools.cached_property
+    def proposals(self) -> Any:
+        """The backend's parameters, defaults filled in (a `BACKENDS` dataclass)."""
+        return BACKENDS.get(self.backend)(**self.proposal_params)
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.proposals.uses_gpu
+
+    def selection(self) -> dict[str, Any]:
+        """Keyword arguments of `postproc.regions.refine_with_proposals`."""
+        kwargs = shallow_fields(self)
+        del kwargs["backend"], kwargs["proposal_params"]
+        return kwargs
+
+
+def check_selection(rule: str, iou_threshold: float, max_area: float, inside_fraction: float, coverage: float) -> None:
+    """Raise ConfigError for an unknown selection rule or a fraction outside [0, 1]."""
+    names.SELECTION_RULES.check(rule, field="rule")
+    values = {"iou_threshold": iou_threshold, "max_area": max_area, "inside_fraction": inside_fraction}
+    for name, value in (values | {"coverage": coverage}).items():
+        check_range(name, value, low=0.0, high=1.0)
+
+
+def check_fields(cls: type, params: Mapping[str, Any], what: str) -> None:
+    """Raise ConfigError naming every key of ``params`` that ``cls`` has no field for
+    (and the nearest valid one); ``what`` says whose fields they are."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(map(str, set(params) - set(valid)))
+    if unknown:
+        hint = did_you_mean(unknown[0], valid) if len(unknown) == 1 else ""
+        raise ConfigError(f"{what} has no parameter(s) {', '.join(unknown)}; valid: {', '.join(valid)}{hint}")
+
+
+def parse_fields(cls: type, params: Mapping[str, Any], what: str) -> Any:
+    """``cls(**params)``, unknown keys refused first (see `check_fields`)."""
+    check_fields(cls, params, what)
+    return cls(**params)
+
+
+# ---------------------------------------------------------------- one step as written
+
+
+def _format_value(name: str, value: Any) -> str:
+    if name == "checkpoint" and isinstance(value, (str, os.PathLike)):
+        return os.path.basename(os.fspath(value))  # keys must not depend on the machine
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, numbers.Integral) or isinstance(value, str):
+        return str(value)
+    if isinstance(value, numbers.Real):  # 12 and 12.0 name the same setting
+        value = float(value)
+        return str(int(value)) if value.is_integer() else repr(value)
+    return getattr(value, "__name__", type(value).__name__)
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One pipeline step as written: its name and the fields given explicitly.
+
+    Attributes:
+        name: a name in :data:`STEPS`.
+        params: the fields given (``proposal_params`` nested for ``regions``).
+    """
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any], *, where: str = "step") -> StepSpec:
+        """Parse ``{"step": name, **params}``."""
+        if not isinstance(entry, Mapping) or "step" not in entry:
+            raise ConfigError(
+                f"{where}: expected a mapping with a 'step' key naming one of {', '.join(STEPS.names())}, got {entry!r}"
+            )
+        return cls(name=entry["step"], params={k: v for k, v in entry.items() if k != "step"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.name, **self.params}
+
+    def typed(self, *, where: str = "step") -> Any:
+        """The step's dataclass with these fields (defaults filled in), validated.
+
+        Raises:
+            ConfigError: unknown step or field (the nearest valid name suggested),
+                or a bad value, naming ``where`` and the field.
+        """
+        cls = STEPS.get(self.name, field=f"{where}.step")
+        check_fields(cls, self.params, f"{where}: step {self.name!r}")
+        try:
+            return cls(**self.params)
+        except ConfigError as err:
+            raise ConfigError(f"{where} ({self.name}): {err}") from err
+
+    @property
+    def key(self) -> str:
+        """Stable short name, e.g. ``crf(scale=12)``: explicit parameters, sorted."""
+        parts = []
+        for name in sorted(self.params):
+            value = self.params[name]
+            if isinstance(value, Mapping):
+                prefix = self.params.get("backend", RegionsStep.backend)
+                parts += [f"{prefix}.{k}={_format_value(k, value[k])}" for k in sorted(value) if k not in _NOT_IN_KEY]
+            else:
+                parts.append(f"{name}={_format_value(name, value)}")
+        return f"{self.name}({','.join(parts)})"
+
+
+# ---------------------------------------------------------------- a whole pipeline
+
+
+def parse_pipeline(entries: Iterable[Mapping[str, Any] | StepSpec]) -> list[tuple[StepSpec, Any]]:
+    """Every step of a pipeline as written and as its validated dataclass.
+
+    Raises:
+        ConfigError: not a list, an unknown step or field, a bad value, or a step
+            that starts from the CAM (``threshold``, ``crf``) after the first
+            position; the message names ``pipeline[i]`` and the field.
+    """
+    if isinstance(entries, (Mapping, str)) or not isinstance(entries, Iterable):
+        raise ConfigError(f"pipeline: expected a list of steps, got {entries!r}")
+    steps = []
+    for index, entry in enumerate(entries):
+        where = f"pipeline[{index}]"
+        spec = entry if isinstance(entry, StepSpec) else StepSpec.from_dict(entry, where=where)
+        step = spec.typed(where=where)
+        if step.starts_from_cam and index > 0:
+            raise ConfigError(
+                f"{where}: step {spec.name!r} starts again from the CAM and would "
+                "discard the steps before it; it may only be the first step"
+            )
+        steps.append((spec, step))
+    return steps
+
+
+def pipeline_key(entries: Iterable[Mapping[str, Any] | StepSpec]) -> str:
+    """The pipeline's name, e.g. ``crf(scale=12)+regions(fusion=copy)``; ``seed`` if empty."""
+    keys = [
+        (StepSpec.from_dict(entry, where=f"pipeline[{i}]") if isinstance(entry, Mapping) else entry).key
+        for i, entry in enumerate(entries)
+    ]
+    return "+".join(keys) or SEED_KEY
+
+
+def pipeline_uses_gpu(spec: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether a step of the pipeline proposes regions with a GPU backend (SAM)."""
+    return any(step.uses_gpu for _, step in parse_pipeline(spec))

@@ -1,0 +1,301 @@
+"""The trial config: one frozen dataclass per section, built from YAML.
+
+A trial config is the whole recipe of one run (data, models, transfer loss,
+training schedule, CAM extraction). It is built by `load_trial_config` from a
+YAML file plus ``key=value`` overrides; unknown keys are rejected with the
+nearest valid name, and every value is type- and range-checked against the name
+tables of `training.config.names`, so a typo in a search space fails before any
+GPU time is spent, and without importing torch or timm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from training.config import names
+from training.config.parse import (
+    apply_overrides,
+    at_least,
+    check_tree,
+    config_digest,
+    dig,
+    from_dict,
+    load_yaml,
+    one_of,
+    parse_overrides,
+    plain,
+    set_dotted,
+)
+from training.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Parameters of the synthetic benchmark (all sizes relative to ``size``).
+
+    Attributes:
+        size: side of the square images, px.
+        n_train: training images (smoke and clean together).
+        n_test: test images (coupled and decoupled subsets together).
+        smoke_fraction: share of smoke images in train and in the coupled test subset.
+        chimney_in_clean: probability that a clean train/coupled-test image shows a chimney.
+        decoupled_fraction: share of the test split that is the decoupled subset.
+        min_opacity: lowest peak opacity of a plume.
+        max_opacity: highest peak opacity of a plume.
+        distractor_prob: probability of grey clouds and/or haze, in both classes.
+        plume_scale: multiplies plume width and length; the difficulty knob.
+        seed: makes the whole dataset reproducible.
+    """
+
+    size: int = 96
+    n_train: int = 1200
+    n_test: int = 240
+    smoke_fraction: float = 0.6
+    chimney_in_clean: float = 0.1
+    decoupled_fraction: float = 0.25
+    min_opacity: float = 0.35
+    max_opacity: float = 0.9
+    distractor_prob: float = 0.5
+    plume_scale: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self, "size", lo=32, hi=4096, integer=True)
+        _check(self, "n_train", lo=2, hi=10**7, integer=True)
+        _check(self, "n_test", lo=1, hi=10**7, integer=True)
+        _check(self, "seed", lo=0, hi=2**63 - 1, integer=True)
+        for name in ("smoke_fraction", "chimney_in_clean", "decoupled_fraction", "distractor_prob"):
+            _check(self, name, lo=0.0, hi=1.0)
+        _check(self, "min_opacity", lo=0.05, hi=1.0)
+        _check(self, "max_opacity", lo=self.min_opacity, hi=1.0)
+        _check(self, "plume_scale", lo=0.2, hi=3.0)
+        n_smoke = round(self.n_train * self.smoke_fraction)
+        if not 0 < n_smoke < self.n_train:
+            raise ConfigError(
+                f"synth.smoke_fraction: expected a value leaving at least one smoke and one clean "
+                f"image among n_train={self.n_train}, got {self.smoke_fraction}"
+            )
+
+
+def _check(cfg: SynthConfig, name: str, *, lo: float, hi: float, integer: bool = False) -> None:
+    value = getattr(cfg, name)
+    types = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, types) or not lo <= value <= hi:
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"synth.{name}: expected {what} in [{lo}, {hi}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how they are fed to the networks."""
+
+    source: str = "synthetic"  # "synthetic" (generated, cached) or "folder"
+    root: str = ""  # folder with train/ and test/; for synthetic: the cache folder
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    image_size: int = 96  # training/eval input side, px (the thesis: 512)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    augment: bool = False  # horizontal flips; disables the teacher feature cache
+    num_workers: int = 0
+
+    def check(self, path: str) -> None:
+        one_of(self.source, ("synthetic", "folder"), f"{path}.source")
+        if self.source == "folder" and not self.root:
+            raise ConfigError(f"{path}.root: expected a dataset folder when source is 'folder'")
+        at_least(self.image_size, 16, f"{path}.image_size")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != 3:
+                raise ConfigError(f"{path}.{name}: expected 3 values (R, G, B)")
+        if min(self.std) <= 0:
+            raise ConfigError(f"{path}.std: expected positive values, got {list(self.std)}")
+        at_least(self.num_workers, 0, f"{path}.num_workers")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """One backbone, created by name through ``timm.create_model``."""
+
+    name: str = "resnet50"
+    pretrained: str = "false"  # "false", "true" (timm's own loading) or a local checkpoint path
+    output_stride: int = 16  # CNNs only: 8, 16 or 32
+    pcm: bool = False  # CNNs only: refine CAMs with the pixel correlation module
+    options: dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs
+
+    @property
+    def is_vit(self) -> bool:
+        """A vision transformer (by its timm family, `names.VIT_FAMILIES`), else a CNN."""
+        return names.is_vit(self.name)
+
+    def check(self, path: str) -> None:
+        if not self.name:
+            raise ConfigError(f"{path}.name: expected a timm model name")
+        one_of(self.output_stride, (8, 16, 32), f"{path}.output_stride")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    teacher: NetConfig = field(default_factory=lambda: NetConfig("resnet50"))
+    student: NetConfig = field(default_factory=lambda: NetConfig("vit_base_patch16_224"))
+    proj_channels: int = 2  # shared space of the 1×1 projections (the thesis: 2)
+
+    def check(self, path: str) -> None:
+        at_least(self.proj_channels, 1, f"{path}.proj_channels")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """The knowledge-transfer term ``λ · L_transfer`` and the training paradigm."""
+
+    paradigm: str = "teacher_student"  # a name in names.PARADIGMS
+    metric: str = "cosine"  # a name in names.TRANSFER_METRICS
+    level: str = "global"  # a name in names.ALIGNMENT_LEVELS (names.INVALID_PAIRS says which pairs fail)
+    lam: float = 1.0
+    temperature: float = 1.0  # kl only
+    baseline_network: str = "student"  # baseline only: "student" (ViT) or "teacher" (CNN)
+    teacher_checkpoint: str = ""  # teacher_student: frozen teacher; "" = train one first
+
+    @property
+    def paradigm_info(self) -> names.ParadigmInfo:
+        """What the paradigm needs (a frozen teacher, the feature cache…), from its name table."""
+        return names.PARADIGMS.get(self.paradigm, field="transfer.paradigm")
+
+    @property
+    def cam_network(self) -> str:
+        """``student`` or ``teacher``: the network whose CAMs this trial evaluates."""
+        return self.paradigm_info.cam_network or self.baseline_network
+
+    def check(self, path: str) -> None:
+        names.PARADIGMS.check(self.paradigm, field=f"{path}.paradigm")
+        names.check_pair(self.metric, self.level, path=path)
+        if not self.lam >= 0:
+            raise ConfigError(f"{path}.lam: expected λ ≥ 0, got {self.lam}")
+        if not self.temperature > 0:
+            raise ConfigError(f"{path}.temperature: expected > 0, got {self.temperature}")
+        one_of(self.baseline_network, names.NETWORKS, f"{path}.baseline_network")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.0  # linear warm-up, then cosine decay to 0
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    precision: str = "fp32"  # fp32 | bf16 (autocast; CUDA or CPU)
+    channels_last: bool = False  # memory format for the CNN (faster on GPUs)
+    teacher_cache: str = "float16"  # teacher_student: cached teacher features: float16 | float32 | false
+    teacher_epochs: int = 3  # teacher_student: epochs of the teacher trained first
+    teacher_lr: float = 1e-4
+
+    def check(self, path: str) -> None:
+        at_least(self.epochs, 1, f"{path}.epochs")
+        at_least(self.batch_size, 1, f"{path}.batch_size")
+        at_least(self.teacher_epochs, 1, f"{path}.teacher_epochs")
+        for name in ("lr", "teacher_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{path}.{name}: expected > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ConfigError(f"{path}.weight_decay/warmup_epochs: expected ≥ 0")
+        at_least(self.threads, 0, f"{path}.threads")
+        one_of(self.precision, ("fp32", "bf16"), f"{path}.precision")
+        one_of(self.teacher_cache, ("float16", "float32", "false"), f"{path}.teacher_cache")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"{path}.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class CamConfig:
+    method: str = "weight"  # a name in names.CAM_METHODS
+    scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    threshold: float = 0.3
+    layers: tuple[int, ...] = ()  # blocks to fuse, e.g. (-5, -4, -2, -1); () = last features
+    shard_size: int = 64  # images per saved CAM shard
+    batch_size: int = 16
+    gallery: int = 8  # CAM overlay pictures saved per trial
+
+    def check(self, path: str) -> None:
+        names.CAM_METHODS.check(self.method, field=f"{path}.method")
+        if not self.scales:
+            raise ConfigError(f"{path}.scales: expected at least one scale, got []")
+        if min(self.scales) <= 0:
+            raise ConfigError(f"{path}.scales: expected positive scales, got {list(self.scales)}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"{path}.threshold: expected a value in (0, 1), got {self.threshold}")
+        at_least(self.shard_size, 1, f"{path}.shard_size")
+        at_least(self.batch_size, 1, f"{path}.batch_size")
+        at_least(self.gallery, 0, f"{path}.gallery")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial needs; written next to every output as ``config.yaml``."""
+
+    name: str = "trial"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+
+    def __post_init__(self) -> None:
+        check_tree(self)
+        self.check()
+
+    @property
+    def cam_net(self) -> NetConfig:
+        """The config of the network whose CAMs are evaluated."""
+        return getattr(self.model, self.transfer.cam_network)
+
+    def check(self) -> None:
+        """Rules across sections, decided from the name tables' facts (nothing is built)."""
+        layers = list(self.cam.layers)
+        if layers and not names.CAM_METHODS.get(self.cam.method).layer_fusion:
+            fusing = ", ".join(m for m in names.CAM_METHODS if names.CAM_METHODS.get(m).layer_fusion)
+            raise ConfigError(f"cam.layers: layer fusion is only implemented for method {fusing}; got {layers}")
+        if set(layers) - {-1} and not self.cam_net.is_vit:
+            raise ConfigError(
+                f"cam.layers: layer fusion needs a ViT (equal widths per block); got {layers} with the CNN "
+                f"model.{self.transfer.cam_network} ({self.cam_net.name})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return plain(dataclasses.asdict(self))
+
+    def digest(self, *sections: str) -> str:
+        """A short stable hash of the whole config, or of the named sections only."""
+        d = self.to_dict()
+        return config_digest({s: dig(d, s) for s in sections} if sections else d)
+
+    def replace(self, **overrides: Any) -> TrialConfig:
+        """A copy with dotted-key overrides, e.g. ``replace(**{"transfer.lam": 0.5})``."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            set_dotted(d, key, value)
+        return from_dict(TrialConfig, d)
+
+
+def load_trial_config(path: Path, overrides: list[str] | dict[str, Any] = ()) -> TrialConfig:
+    """Read a trial YAML, apply ``key=value`` overrides, build and validate it."""
+    data = load_yaml(path)
+    if isinstance(overrides, list | tuple):
+        overrides = parse_overrides(list(overrides))
+    try:
+        return from_dict(TrialConfig, apply_overrides(data, overrides))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def save_config(cfg: TrialConfig, path: Path) -> None:
+    """Write the resolved config as YAML (the file `wsss trial` can read back)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
