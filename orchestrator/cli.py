@@ -79,8 +79,8 @@ def run_trial_command(args) -> int:
 
 def refuse_sweep_file(path: Path) -> None:
     """A sweep file given to `wsss trial`: say what it is and the commands that run it."""
-    from orchestrator.space import SECTIONS
     from training.config import load_yaml
+    from training.config.sweep import SECTIONS
 
     data = load_yaml(path)
     sweep_keys = sorted(set(data) & (set(SECTIONS) - {"name", "description"})) if isinstance(data, dict) else []

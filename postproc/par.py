@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from postproc.masks import check_cam, check_image, check_range
+from postproc.masks import check_cam, check_image
 from postproc.neighbours import (
     DILATIONS,
     ITERS,
@@ -39,6 +39,7 @@ from postproc.neighbours import (
     neighbour_distances,
     propagate,
 )
+from training.config.parse import check_range
 
 W_RGB = 0.3  # w1 in AFA: colour kernel width, in units of the local colour deviation
 W_POS = 0.01  # w2 in AFA: weight of the position kernel

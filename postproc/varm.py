@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from postproc.masks import check_cam, check_image, check_range
+from postproc.masks import check_cam, check_image
 from postproc.neighbours import (
     DILATIONS,
     ITERS,
@@ -37,6 +37,7 @@ from postproc.neighbours import (
     match_cam_to_image,
     propagate,
 )
+from training.config.parse import check_range
 
 W_RGB = 0.25  # SCD multiplies |I − I_k| / σ by 4
 W_VAR = 0.01  # SCD's w2: weight of the local-variation penalty
