@@ -9,6 +9,7 @@ the spatial mean of ``w·F`` plus the bias is the logit. For ViTs this requires
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -18,8 +19,10 @@ from torch import nn
 
 from training.config import NetConfig
 from training.errors import CheckpointError, ConfigError, did_you_mean
+from training.weights import WEIGHTS, check_pretrained, map_by_order, pretrained_kind
 
 NUM_CLASSES = 1  # one smoke logit, trained with BCE on image labels
+KeyAdapter = Callable[..., dict[str, torch.Tensor]]  # (state, net, *, origin) → net's state dict
 
 
 class Backbone(nn.Module):
@@ -135,8 +138,12 @@ def build_net(cfg: NetConfig, *, image_size: int) -> Backbone:
             f"model {cfg.name!r}: pretrained=true could not load timm's weights ({err}); "
             "with no network, set pretrained to a local checkpoint file instead"
         ) from None
-    if cfg.pretrained.lower() not in ("true", "false"):
-        load_weights(net, Path(cfg.pretrained))
+    kind = pretrained_kind(cfg.pretrained)
+    if kind == "file":
+        load_weights(net, Path(cfg.pretrained).expanduser())
+    elif kind == "name":
+        check_pretrained(cfg.pretrained, cfg.name, field="pretrained")
+        load_weights(net, WEIGHTS.get(cfg.pretrained).path(), adapter=map_by_order)
     return Backbone(net, pcm=cfg.pcm)
 
 
@@ -144,17 +151,24 @@ def _is_vit_name(name: str) -> bool:
     return name.startswith(("vit_", "deit_", "eva", "beit"))
 
 
-def load_weights(net: nn.Module, path: Path) -> None:
+def load_weights(net: nn.Module, path: Path, *, adapter: KeyAdapter | None = None) -> None:
     """Load a local checkpoint (.pth/.pt/.bin with ``weights_only``, or .safetensors).
 
-    Classifier weights of another shape (ImageNet's 1000 classes) are skipped;
-    ViT position embeddings are resampled to the model's grid.
+    Without ``adapter``: tensors whose key and shape match the model are loaded, the
+    rest skipped (classifier weights of another shape, e.g. ImageNet's 1000 classes);
+    ViT position embeddings are resampled to the model's grid. With ``adapter``
+    (e.g. `training.weights.map_by_order` for another library's key names): the
+    adapter renames and checks every tensor and the result is loaded strictly.
 
     Raises:
-        CheckpointError: the file is missing, unreadable, or shares no weight with the model.
+        CheckpointError: the file is missing or unreadable, shares no weight with
+            the model, or (with ``adapter``) does not fit it tensor for tensor.
     """
     state = read_state_dict(path)
     state = _unwrap(state)
+    if adapter is not None:
+        net.load_state_dict(adapter(state, net, origin=str(path)), strict=True)
+        return
     if hasattr(net, "patch_embed"):
         from timm.models.vision_transformer import checkpoint_filter_fn
 
