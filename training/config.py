@@ -41,6 +41,7 @@ class DataConfig:
     std: tuple[float, ...] = IMAGENET_STD
     augment: bool = False  # horizontal flips; disables the teacher feature cache
     num_workers: int = 0
+    val_fraction: float = 0.0  # share of each training class held out to choose settings on (training.validation)
 
     def check(self, path: str) -> None:
         _one_of(self.source, ("synthetic", "folder"), f"{path}.source")
@@ -53,6 +54,8 @@ class DataConfig:
         if min(self.std) <= 0:
             raise ConfigError(f"{path}.std: expected positive values, got {list(self.std)}")
         _at_least(self.num_workers, 0, f"{path}.num_workers")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"{path}.val_fraction: expected a value in [0, 1), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class NetConfig:
     """One backbone, created by name through ``timm.create_model``."""
 
     name: str = "resnet50"
-    pretrained: str = "false"  # "false", "true" (timm's own loading) or a local checkpoint path
+    pretrained: str = "false"  # "false", "true" (timm's hub), a local checkpoint path, or a training.weights name
     output_stride: int = 16  # CNNs only: 8, 16 or 32
     pcm: bool = False  # CNNs only: refine CAMs with the pixel correlation module
     options: dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs
@@ -69,6 +72,9 @@ class NetConfig:
         if not self.name:
             raise ConfigError(f"{path}.name: expected a timm model name")
         _one_of(self.output_stride, (8, 16, 32), f"{path}.output_stride")
+        from training.weights import check_pretrained
+
+        check_pretrained(self.pretrained, self.name, field=f"{path}.pretrained")
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,15 @@
 Layout (the synthetic generator writes the same one):
 
     root/train/smoke/*   root/train/clean/*     images, label 1 / 0
+    root/train/masks/<stem>.png                 optional smoke masks of training images
+    root/train/context/<stem>.png               optional context masks of training images
     root/test/images/*                          images
     root/test/masks/<stem>.png                  smoke masks, required for every test image
     root/test/context/<stem>.png                optional context (e.g. chimney) masks
+
+The training masks are never used to train; they score the validation split
+(``data.val_fraction``, see ``training.validation``): held-out images with a mask
+get CAM metrics, the others count for validation accuracy only.
 
 Images may be .png .jpg .jpeg .bmp .tif .tiff (any case). Every reader raises
 `DataError` naming the file and what was expected, so a bad file fails a sweep
@@ -77,6 +83,8 @@ class TestItem:
         image: the RGB image.
         mask: the smoke mask, 0/255 single channel.
         context: the context (e.g. chimney) mask, or None when not provided.
+        label: the image label when it is known apart from the mask (a held-out
+            training image's folder); None: 1 when the mask has any pixel set.
     """
 
     __test__ = False  # not a pytest test class despite the name
@@ -85,6 +93,7 @@ class TestItem:
     image: Path
     mask: Path
     context: Path | None
+    label: int | None = None
 
 
 def scan_test(root: Path) -> list[TestItem]:
@@ -313,7 +322,7 @@ class TestDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Returns dict(image=3×S×S float32 (3×H×W if no image_size), id=str, label=int).
 
-        The label is 1 when the smoke mask has any pixel set.
+        The label is the item's own, or else 1 when the smoke mask has any pixel set.
         """
         rgb, mask, _ = self.load_eval(index, context=False)
         if self.image_size is not None:
@@ -322,7 +331,7 @@ class TestDataset(torch.utils.data.Dataset):
         return {
             "image": to_tensor(rgb, self.mean, self.std),
             "id": item.id,
-            "label": int(mask.any()),
+            "label": int(mask.any()) if item.label is None else item.label,
         }
 
     def load_eval(
@@ -346,7 +355,7 @@ def validate_dataset(root: Path) -> dict[str, Any]:
     """Read every file of a dataset once; raise the first problem as DataError.
 
     Returns:
-        {"train": {"smoke": n, "clean": n}, "test": {"images": n, "smoke": n,
+        {"train": {"smoke": n, "clean": n, "with_mask": n, "with_context": n}, "test": {"images": n, "smoke": n,
         "clean": n, "with_context": n}, "sizes": {"train": {"W×H": n}, "test": {...}}}.
     """
     train_sizes: Counter[str] = Counter()
@@ -355,6 +364,7 @@ def validate_dataset(root: Path) -> dict[str, Any]:
         h, w = read_image(path).shape[:2]
         train_sizes[f"{w}×{h}"] += 1
         counts["smoke" if label else "clean"] += 1
+        counts.update(_check_train_masks(Path(root), path, label, (h, w)))
     test_sizes: Counter[str] = Counter()
     test = Counter()
     dataset = TestDataset(scan_test(root), image_size=None, mean=(0, 0, 0), std=(1, 1, 1))
@@ -364,7 +374,7 @@ def validate_dataset(root: Path) -> dict[str, Any]:
         test["smoke" if mask.any() else "clean"] += 1
         test["with_context"] += item.context is not None
     return {
-        "train": {"smoke": counts["smoke"], "clean": counts["clean"]},
+        "train": {k: counts[k] for k in ("smoke", "clean", "with_mask", "with_context")},
         "test": {
             "images": len(dataset),
             "smoke": test["smoke"],
@@ -373,6 +383,20 @@ def validate_dataset(root: Path) -> dict[str, Any]:
         },
         "sizes": {"train": dict(train_sizes), "test": dict(test_sizes)},
     }
+
+
+def _check_train_masks(root: Path, image: Path, label: int, shape: tuple[int, int]) -> Counter[str]:
+    """Read a training image's optional masks; a smoke mask must agree with the folder's label."""
+    found: Counter[str] = Counter()
+    for folder, key in (("masks", "with_mask"), ("context", "with_context")):
+        path = root / "train" / folder / f"{image.stem}{MASK_SUFFIX}"
+        if path.is_file():
+            mask = read_mask(path, shape=shape, image=image)
+            if folder == "masks" and mask.any() != bool(label):
+                state, name = ("is empty", "smoke") if label else ("marks smoke", "clean")
+                raise DataError(f"{path} {state}, but {image} is labelled {name} by its folder")
+            found[key] += 1
+    return found
 
 
 def window_starts(length: int, size: int, stride: int) -> list[int]:
