@@ -67,11 +67,13 @@ class NetConfig:
     output_stride: int = 16  # CNNs only: 8, 16 or 32
     pcm: bool = False  # CNNs only: refine CAMs with the pixel correlation module
     options: dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs
+    stages: int = 0  # EfficientNet-style CNNs: keep the first N stages, CAM read there (training.models); 0 = all
 
     def check(self, path: str) -> None:
         if not self.name:
             raise ConfigError(f"{path}.name: expected a timm model name")
         _one_of(self.output_stride, (8, 16, 32), f"{path}.output_stride")
+        _at_least(self.stages, 0, f"{path}.stages")
         from training.weights import check_pretrained
 
         check_pretrained(self.pretrained, self.name, field=f"{path}.pretrained")

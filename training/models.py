@@ -144,7 +144,42 @@ def build_net(cfg: NetConfig, *, image_size: int) -> Backbone:
     elif kind == "name":
         check_pretrained(cfg.pretrained, cfg.name, field="pretrained")
         load_weights(net, WEIGHTS.get(cfg.pretrained).path(), adapter=map_by_order)
+    if cfg.stages:
+        keep_stages(net, cfg.stages)
     return Backbone(net, pcm=cfg.pcm)
+
+
+def keep_stages(net: nn.Module, n: int) -> nn.Module:
+    """Cut a timm EfficientNet/MobileNet after its first ``n`` stages, in place.
+
+    The later stages, ``conv_head`` and its norm go; a new smoke classifier reads the
+    n-th stage's output, so that map is the feature map, the CAM and the transfer
+    target. At 64 px the last stages of an ImageNet EfficientNet see far more than the
+    whole image (output stride 8 dilates them), and their CAM is spread over the frame;
+    a middle stage still localises (docs/results.md, "CPU benchmark with a pretrained CNN").
+
+    Raises:
+        ConfigError: the model has no ``blocks``/``conv_head`` layout, or ``n`` is not
+            below its number of stages.
+    """
+    if not all(hasattr(net, a) for a in ("blocks", "conv_head", "bn2", "classifier")):
+        raise ConfigError(
+            f"stages: expected an EfficientNet/MobileNet-style timm model (blocks + conv_head), "
+            f"got {type(net).__name__}; set stages: 0"
+        )
+    if not 0 < n < len(net.blocks):
+        raise ConfigError(f"stages: expected 1 to {len(net.blocks) - 1} for this model, got {n}")
+    net.blocks = net.blocks[:n]
+    width = _stage_width(net.blocks[-1])
+    net.conv_head, net.bn2 = nn.Identity(), nn.Identity()
+    net.classifier = nn.Linear(width, NUM_CLASSES)
+    net.num_features = net.head_hidden_size = width
+    return net
+
+
+def _stage_width(stage: nn.Module) -> int:
+    convs = [m for m in stage.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels
 
 
 def _is_vit_name(name: str) -> bool:

@@ -2,9 +2,8 @@
 
 ``data.val_fraction`` holds out, per class, that share of ``train/smoke`` and
 ``train/clean``: the images whose file stems have the smallest SHA-256 digests.
-Membership therefore depends only on the file names — not on their order, the
-training seed or the rest of the folder — so every trial, node and rerun holds out
-the same images, and adding images to a folder moves none of the old ones.
+Membership therefore depends only on the file names — not on their order or the
+training seed — so every trial, node and rerun holds out the same images.
 
 Held-out images with a mask in ``train/masks/<stem>.png`` (and optionally a chimney
 mask in ``train/context/<stem>.png``) are scored like the test split (CAM mIoU,
