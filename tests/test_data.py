@@ -236,21 +236,9 @@ def test_test_item_fields(tmp_path: Path) -> None:
 
 def test_validate_dataset_summary(root: Path) -> None:
     summary = validate_dataset(root)
-    assert summary["train"] == {"smoke": 2, "clean": 1, "with_mask": 0, "with_context": 0}
+    assert summary["train"] == {"smoke": 2, "clean": 1}
     assert summary["test"] == {"images": 2, "smoke": 1, "clean": 1, "with_context": 1}
     assert summary["sizes"] == {"train": {"30×20": 2, "16×16": 1}, "test": {"32×24": 2}}
-
-
-def test_validate_dataset_checks_training_masks_against_labels(root: Path) -> None:
-    _write_raw(root / "train/masks/a.png", _mask(20, 30, (0, 5, 0, 5)))
-    _write_raw(root / "train/masks/c.png", _mask(16, 16))
-    assert validate_dataset(root)["train"]["with_mask"] == 2
-    _write_raw(root / "train/masks/c.png", _mask(16, 16, (0, 2, 0, 2)))
-    with pytest.raises(DataError, match=r"train/masks/c\.png marks smoke, but .*c\.bmp is labelled clean"):
-        validate_dataset(root)
-    _write_raw(root / "train/masks/c.png", _mask(8, 8))
-    with pytest.raises(DataError, match=r"train/masks/c\.png: mask is 8×8"):
-        validate_dataset(root)
 
 
 def test_validate_dataset_reports_first_bad_file(root: Path) -> None:
@@ -263,7 +251,6 @@ def test_validate_accepts_the_synthetic_benchmark(tmp_path: Path) -> None:
     out = generate(SynthConfig(size=32, n_train=6, n_test=8, seed=1), tmp_path / "synth")
     summary = validate_dataset(out)
     assert summary["train"]["smoke"] + summary["train"]["clean"] == 6
-    assert summary["train"]["with_mask"] == summary["train"]["with_context"] == 6
     assert summary["test"]["images"] == summary["test"]["with_context"] == 8
     assert summary["sizes"]["test"] == {"32×32": 8}
 

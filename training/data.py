@@ -355,7 +355,7 @@ def validate_dataset(root: Path) -> dict[str, Any]:
     """Read every file of a dataset once; raise the first problem as DataError.
 
     Returns:
-        {"train": {"smoke": n, "clean": n, "with_mask": n, "with_context": n}, "test": {"images": n, "smoke": n,
+        {"train": {"smoke": n, "clean": n}, "test": {"images": n, "smoke": n,
         "clean": n, "with_context": n}, "sizes": {"train": {"W×H": n}, "test": {...}}}.
     """
     train_sizes: Counter[str] = Counter()
@@ -364,7 +364,6 @@ def validate_dataset(root: Path) -> dict[str, Any]:
         h, w = read_image(path).shape[:2]
         train_sizes[f"{w}×{h}"] += 1
         counts["smoke" if label else "clean"] += 1
-        counts.update(_check_train_masks(Path(root), path, label, (h, w)))
     test_sizes: Counter[str] = Counter()
     test = Counter()
     dataset = TestDataset(scan_test(root), image_size=None, mean=(0, 0, 0), std=(1, 1, 1))
@@ -374,7 +373,7 @@ def validate_dataset(root: Path) -> dict[str, Any]:
         test["smoke" if mask.any() else "clean"] += 1
         test["with_context"] += item.context is not None
     return {
-        "train": {k: counts[k] for k in ("smoke", "clean", "with_mask", "with_context")},
+        "train": {"smoke": counts["smoke"], "clean": counts["clean"]},
         "test": {
             "images": len(dataset),
             "smoke": test["smoke"],
@@ -383,20 +382,6 @@ def validate_dataset(root: Path) -> dict[str, Any]:
         },
         "sizes": {"train": dict(train_sizes), "test": dict(test_sizes)},
     }
-
-
-def _check_train_masks(root: Path, image: Path, label: int, shape: tuple[int, int]) -> Counter[str]:
-    """Read a training image's optional masks; a smoke mask must agree with the folder's label."""
-    found: Counter[str] = Counter()
-    for folder, key in (("masks", "with_mask"), ("context", "with_context")):
-        path = root / "train" / folder / f"{image.stem}{MASK_SUFFIX}"
-        if path.is_file():
-            mask = read_mask(path, shape=shape, image=image)
-            if folder == "masks" and mask.any() != bool(label):
-                state, name = ("is empty", "smoke") if label else ("marks smoke", "clean")
-                raise DataError(f"{path} {state}, but {image} is labelled {name} by its folder")
-            found[key] += 1
-    return found
 
 
 def window_starts(length: int, size: int, stride: int) -> list[int]:
