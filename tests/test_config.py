@@ -249,3 +249,12 @@ def test_config_is_frozen() -> None:
     cfg = TrialConfig()
     with pytest.raises(AttributeError):
         cfg.name = "x"  # type: ignore[misc]
+
+
+TRIAL_CONFIGS = sorted((Path(__file__).parents[1] / "search_spaces" / "trials").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TRIAL_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_trial_config_loads(path: Path) -> None:
+    cfg = load_trial_config(path)
+    assert cfg.name == path.stem

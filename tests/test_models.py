@@ -256,3 +256,28 @@ def test_pcm_refine_keeps_shape_and_sign() -> None:
     assert (out >= 0).all()
     # a weighted mean never exceeds the largest input
     assert (out.flatten(1).amax(1) <= cam.flatten(1).amax(1) + 1e-6).all()
+
+
+def test_keep_stages_reads_the_cam_at_a_middle_stage() -> None:
+    # tf_efficientnet_lite0 stages end at 16, 24, 40, 80, 112, 192, 320 channels; 5 stages → 112.
+    # Output stride 8 at 64 px keeps the cut stage at 8×8, and the weight CAM stays exact there.
+    net = build_net(NetConfig(name="tf_efficientnet_lite0", output_stride=8, stages=5), image_size=64)
+    assert len(net.net.blocks) == 5 and net.num_features == 112
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, fmap = net.eval()(images)
+        assert fmap.shape == (2, 112, 8, 8)
+        cam_mean = torch.einsum("bchw,c->bhw", fmap, net.classifier.weight[0]).mean(dim=(1, 2))
+        assert torch.allclose(cam_mean + net.classifier.bias, logits[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (NetConfig(**TINY_CNN, stages=2), r"stages: expected an EfficientNet/MobileNet-style timm model .*got ResNet"),
+        (NetConfig(name="tf_efficientnet_lite0", stages=7), r"stages: expected 1 to 6 for this model, got 7"),
+    ],
+)
+def test_keep_stages_bad_input(cfg: NetConfig, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_net(cfg, image_size=64)

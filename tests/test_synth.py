@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -47,11 +48,12 @@ def test_layout_and_counts(dataset: Path) -> None:
     assert not list(dataset.parent.glob(".tmp-*")), "temporary folder left behind"
 
 
-def test_masks_are_binary_and_match_manifest_labels(dataset: Path) -> None:
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_masks_are_binary_and_match_manifest_labels(dataset: Path, split: str) -> None:
     manifest = json.loads((dataset / "manifest.json").read_text())
-    for entry in manifest["test"]:
-        mask = _gray(dataset / "test/masks" / f"{entry['id']}.png")
-        context = _gray(dataset / "test/context" / f"{entry['id']}.png")
+    for entry in manifest[split]:
+        mask = _gray(dataset / split / "masks" / f"{entry['id']}.png")
+        context = _gray(dataset / split / "context" / f"{entry['id']}.png")
         assert mask.ndim == 2 and set(np.unique(mask)) <= {0, 255}
         assert set(np.unique(context)) <= {0, 255}
         assert bool(mask.any()) == entry["smoke"], entry
@@ -75,6 +77,49 @@ def test_rendering_does_not_depend_on_order(dataset: Path) -> None:
     np.testing.assert_array_equal(image, stored)
     np.testing.assert_array_equal(smoke, _gray(dataset / "test/masks" / f"{spec.id}.png") > 0)
     np.testing.assert_array_equal(chimney, _gray(dataset / "test/context" / f"{spec.id}.png") > 0)
+
+
+def test_default_rendering_is_unchanged() -> None:
+    # SHA-256 over every image, smoke mask and chimney mask of SMALL, as generator version 3
+    # rendered them (commit 0864127). Version 4 only added files (training masks) and the
+    # chimney_with_smoke option; the pixels of a default config must stay exactly these.
+    digest = hashlib.sha256()
+    for split in ("train", "test"):
+        for spec in plan(SMALL, split):
+            for array in render(SMALL, spec):
+                digest.update(array.tobytes())
+    assert digest.hexdigest() == "69491649c325a96e24944547cce5832364814956ee91cce3cb26c11199a778d5"
+
+
+def test_training_masks_are_the_rendered_ones(dataset: Path) -> None:
+    spec = plan(SMALL, "train")[5]
+    _, smoke, chimney = render(SMALL, spec)
+    np.testing.assert_array_equal(smoke, _gray(dataset / "train/masks" / f"{spec.id}.png") > 0)
+    np.testing.assert_array_equal(chimney, _gray(dataset / "train/context" / f"{spec.id}.png") > 0)
+
+
+def test_chimney_with_smoke_hides_training_chimneys_only() -> None:
+    base = replace(SMALL, n_train=200, n_test=40)
+    assert all(s.chimney for s in plan(base, "train") if s.smoke)  # default 1.0: the flaw
+    none = plan(replace(base, chimney_with_smoke=0.0), "train")
+    assert not any(s.chimney for s in none if s.smoke)
+    half = replace(base, chimney_with_smoke=0.5, chimney_in_clean=0.5)
+    specs = plan(half, "train")
+    with_smoke = np.mean([s.chimney for s in specs if s.smoke])
+    with_clean = np.mean([s.chimney for s in specs if not s.smoke])
+    assert 0.35 < with_smoke < 0.65 and 0.35 < with_clean < 0.65  # the chimney says ~nothing
+    # clean images draw exactly as before, and the test split is not touched
+    clean = [s for s in plan(replace(base, chimney_in_clean=0.5), "train") if not s.smoke]
+    assert [s.chimney for s in clean] == [s.chimney for s in specs if not s.smoke]
+    assert plan(half, "test") == plan(replace(base, chimney_in_clean=0.5), "test")
+
+
+def test_a_plume_without_its_chimney_is_drawn_like_decoupled_smoke() -> None:
+    cfg = replace(SMALL, n_train=30, chimney_with_smoke=0.0)
+    smoke_specs = [s for s in plan(cfg, "train") if s.smoke]
+    masks = [render(cfg, s) for s in smoke_specs]
+    assert all(sm.any() and not ch.any() for _, sm, ch in masks)
+    assert np.mean([sm[-6:].any() for _, sm, _ in masks]) >= 0.6  # mostly rising from below the frame
 
 
 def test_every_training_smoke_image_shows_its_chimney_at_the_plume_base() -> None:
@@ -149,7 +194,7 @@ def test_changed_config_regenerates(tmp_path: Path) -> None:
     out = generate(replace(SMALL, n_train=4, n_test=2), tmp_path / "ds")
     generate(replace(SMALL, n_train=6, n_test=2), out)
     assert json.loads((out / "manifest.json").read_text())["config"]["n_train"] == 6
-    assert len(list(out.glob("train/*/*.png"))) == 6
+    assert len(list(out.glob("train/smoke/*.png"))) + len(list(out.glob("train/clean/*.png"))) == 6
 
 
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path: Path) -> None:
@@ -171,6 +216,7 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path: Path) -> None:
         ("smoke_fraction", 1.5),
         ("smoke_fraction", 0.0),  # leaves no smoke image
         ("chimney_in_clean", -0.1),
+        ("chimney_with_smoke", 1.1),
         ("decoupled_fraction", "half"),
         ("min_opacity", 0.0),
         ("max_opacity", 0.2),  # below min_opacity

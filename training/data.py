@@ -3,9 +3,15 @@
 Layout (the synthetic generator writes the same one):
 
     root/train/smoke/*   root/train/clean/*     images, label 1 / 0
+    root/train/masks/<stem>.png                 optional smoke masks of training images
+    root/train/context/<stem>.png               optional context masks of training images
     root/test/images/*                          images
     root/test/masks/<stem>.png                  smoke masks, required for every test image
     root/test/context/<stem>.png                optional context (e.g. chimney) masks
+
+The training masks are never used to train; they score the validation split
+(``data.val_fraction``, see ``training.validation``): held-out images with a mask
+get CAM metrics, the others count for validation accuracy only.
 
 Images may be .png .jpg .jpeg .bmp .tif .tiff (any case). Every reader raises
 `DataError` naming the file and what was expected, so a bad file fails a sweep
@@ -77,6 +83,8 @@ class TestItem:
         image: the RGB image.
         mask: the smoke mask, 0/255 single channel.
         context: the context (e.g. chimney) mask, or None when not provided.
+        label: the image label when it is known apart from the mask (a held-out
+            training image's folder); None: 1 when the mask has any pixel set.
     """
 
     __test__ = False  # not a pytest test class despite the name
@@ -85,6 +93,7 @@ class TestItem:
     image: Path
     mask: Path
     context: Path | None
+    label: int | None = None
 
 
 def scan_test(root: Path) -> list[TestItem]:
@@ -316,7 +325,7 @@ class TestDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Returns dict(image=3×S×S float32 (3×H×W if no image_size), id=str, label=int).
 
-        The label is 1 when the smoke mask has any pixel set.
+        The label is the item's own, or else 1 when the smoke mask has any pixel set.
         """
         rgb, mask, _ = self.load_eval(index, context=False)
         if self.image_size is not None:
@@ -325,7 +334,7 @@ class TestDataset(torch.utils.data.Dataset):
         return {
             "image": to_tensor(rgb, self.mean, self.std),
             "id": item.id,
-            "label": int(mask.any()),
+            "label": int(mask.any()) if item.label is None else item.label,
         }
 
     def load_eval(

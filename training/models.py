@@ -11,6 +11,7 @@ Whether a name is a ViT is decided once, from its timm family
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -19,9 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import NetConfig
+from training.config.names import check_pretrained, pretrained_kind
 from training.errors import CheckpointError, ConfigError, did_you_mean
+from training.weights import map_by_order, packaged_weights
 
 NUM_CLASSES = 1  # one smoke logit, trained with BCE on image labels
+KeyAdapter = Callable[..., dict[str, torch.Tensor]]  # (state, net, *, origin) → net's state dict
 
 
 class Backbone(nn.Module):
@@ -138,22 +142,68 @@ def build_net(cfg: NetConfig, *, image_size: int) -> Backbone:
             f"model {cfg.name!r}: pretrained=true could not load timm's weights ({err}); "
             "with no network, set pretrained to a local checkpoint file instead"
         ) from None
-    if cfg.pretrained.lower() not in ("true", "false"):
-        load_weights(net, Path(cfg.pretrained), is_vit=cfg.is_vit)
+    kind = pretrained_kind(cfg.pretrained)
+    if kind == "file":
+        load_weights(net, Path(cfg.pretrained).expanduser(), is_vit=cfg.is_vit)
+    elif kind == "name":
+        check_pretrained(cfg.pretrained, cfg.name, field="pretrained")
+        load_weights(net, packaged_weights(cfg.pretrained).path(), is_vit=cfg.is_vit, adapter=map_by_order)
+    if cfg.stages:
+        keep_stages(net, cfg.stages)
     return Backbone(net, is_vit=cfg.is_vit, pcm=cfg.pcm)
 
 
-def load_weights(net: nn.Module, path: Path, *, is_vit: bool) -> None:
-    """Load a local checkpoint (.pth/.pt/.bin with ``weights_only``, or .safetensors).
+def keep_stages(net: nn.Module, n: int) -> nn.Module:
+    """Cut a timm EfficientNet/MobileNet after its first ``n`` stages, in place.
 
-    Classifier weights of another shape (ImageNet's 1000 classes) are skipped;
-    ViT position embeddings are resampled to the model's grid (``is_vit``).
+    The later stages, ``conv_head`` and its norm go; a new smoke classifier reads the
+    n-th stage's output, so that map is the feature map, the CAM and the transfer
+    target. At 64 px the last stages of an ImageNet EfficientNet see far more than the
+    whole image (output stride 8 dilates them), and their CAM is spread over the frame;
+    a middle stage still localises (docs/results.md, "CPU benchmark with a pretrained CNN").
 
     Raises:
-        CheckpointError: the file is missing, unreadable, or shares no weight with the model.
+        ConfigError: the model has no ``blocks``/``conv_head`` layout, or ``n`` is not
+            below its number of stages.
+    """
+    if not all(hasattr(net, a) for a in ("blocks", "conv_head", "bn2", "classifier")):
+        raise ConfigError(
+            f"stages: expected an EfficientNet/MobileNet-style timm model (blocks + conv_head), "
+            f"got {type(net).__name__}; set stages: 0"
+        )
+    if not 0 < n < len(net.blocks):
+        raise ConfigError(f"stages: expected 1 to {len(net.blocks) - 1} for this model, got {n}")
+    net.blocks = net.blocks[:n]
+    width = _stage_width(net.blocks[-1])
+    net.conv_head, net.bn2 = nn.Identity(), nn.Identity()
+    net.classifier = nn.Linear(width, NUM_CLASSES)
+    net.num_features = net.head_hidden_size = width
+    return net
+
+
+def _stage_width(stage: nn.Module) -> int:
+    convs = [m for m in stage.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels
+
+
+def load_weights(net: nn.Module, path: Path, *, is_vit: bool, adapter: KeyAdapter | None = None) -> None:
+    """Load a local checkpoint (.pth/.pt/.bin with ``weights_only``, or .safetensors).
+
+    Without ``adapter``: tensors whose key and shape match the model are loaded, the
+    rest skipped (classifier weights of another shape, e.g. ImageNet's 1000 classes);
+    ViT position embeddings are resampled to the model's grid (``is_vit``). With ``adapter``
+    (e.g. `training.weights.map_by_order` for another library's key names): the
+    adapter renames and checks every tensor and the result is loaded strictly.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, shares no weight with
+            the model, or (with ``adapter``) does not fit it tensor for tensor.
     """
     state = read_state_dict(path)
     state = _unwrap(state)
+    if adapter is not None:
+        net.load_state_dict(adapter(state, net, origin=str(path)), strict=True)
+        return
     if is_vit:
         from timm.models.vision_transformer import checkpoint_filter_fn
 

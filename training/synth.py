@@ -8,9 +8,15 @@ breaks the correlation (smoke with its chimney out of frame, chimneys without
 smoke), so a model that learned the shortcut fails there and its CAMs light up
 chimneys; ``test/context`` holds the chimney masks to measure exactly that.
 
+``chimney_with_smoke`` < 1 hides the chimney of some training plumes: with 0.5
+and ``chimney_in_clean`` 0.5 the chimney says nothing about the class in the
+training split (the known-answer control: a teacher without the shortcut).
+
 The folder layout is the one real data uses (see ``training.data``):
 
     out/train/smoke/*.png  out/train/clean/*.png   H×W×3 uint8 RGB
+    out/train/masks/*.png  out/train/context/*.png smoke / chimney masks of every training
+                                                   image (scored when it is held out for validation)
     out/test/images/*.png  out/test/masks/*.png    masks H×W uint8 in {0, 255}
     out/test/context/*.png                         chimney masks, {0, 255}
     out/manifest.json                              config + per-image metadata
@@ -37,7 +43,9 @@ import numpy as np
 from training.config.trial import SynthConfig
 from training.errors import DataError
 
-GENERATOR_VERSION = 3  # bump when rendering changes, so cached datasets are rebuilt
+# Bump when the rendering or the files written change, so cached datasets are rebuilt.
+# 4: training images get their masks (train/masks, train/context); pixels as in 3.
+GENERATOR_VERSION = 4
 MIN_CHANGE = 12.0
 # Decoupled smoke: share of plumes whose chimney is hidden below the bottom edge (the rest
 # enter from a side edge). A plume rising from below the frame has the same shape as a coupled
@@ -73,7 +81,9 @@ def plan(cfg: SynthConfig, split: str) -> list[ImageSpec]:
     """Decide class, chimney and subset of every image of ``split``.
 
     Class counts are exact (rounded fractions); the order is a seeded shuffle so
-    ids do not reveal the class. Chimneys in clean images are a per-image draw.
+    ids do not reveal the class. Chimneys in clean images, and in training smoke
+    images when ``chimney_with_smoke`` < 1, are a per-image draw from a side stream,
+    so the rendering of every other image is unchanged.
     """
     code = _SPLIT_CODES[split]
     n = cfg.n_train if split == "train" else cfg.n_test
@@ -93,10 +103,11 @@ def plan(cfg: SynthConfig, split: str) -> list[ImageSpec]:
         subset, smoke = kinds[order[index]]
         if subset == "decoupled":
             chimney = not smoke
-        elif smoke:
+        elif smoke and split == "test":
             chimney = True  # the deliberate flaw: coupled smoke always shows its source
         else:
-            chimney = bool(_image_rng(cfg, split, index, stream=1).random() < cfg.chimney_in_clean)
+            share = cfg.chimney_with_smoke if smoke else cfg.chimney_in_clean
+            chimney = bool(_image_rng(cfg, split, index, stream=1).random() < share)
         specs.append(ImageSpec(split, index, f"{split}_{index:05d}", smoke, chimney, subset))
     return specs
 
@@ -368,8 +379,9 @@ def generate(cfg: SynthConfig, out: Path) -> Path:
         )
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("train/smoke", "train/clean", "test/images", "test/masks", "test/context"):
-        (tmp / sub).mkdir(parents=True)
+    for split, subs in (("train", ("smoke", "clean", "masks", "context")), ("test", ("images", "masks", "context"))):
+        for sub in subs:
+            (tmp / split / sub).mkdir(parents=True)
     manifest: dict[str, Any] = {"config": asdict(cfg), "generator_version": GENERATOR_VERSION}
     for split in ("train", "test"):
         manifest[split] = [_write_one(cfg, spec, tmp) for spec in plan(cfg, split)]
@@ -397,7 +409,11 @@ def _is_cached(cfg: SynthConfig, out: Path) -> bool:
 def _write_one(cfg: SynthConfig, spec: ImageSpec, root: Path) -> dict[str, Any]:
     image, smoke, chimney = render(cfg, spec)
     name = f"{spec.id}.png"
-    files = {f"train/{'smoke' if spec.smoke else 'clean'}/{name}": image}
+    files = {
+        f"train/{'smoke' if spec.smoke else 'clean'}/{name}": image,
+        f"train/masks/{name}": smoke,
+        f"train/context/{name}": chimney,
+    }
     if spec.split == "test":
         files = {
             f"test/images/{name}": image,

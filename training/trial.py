@@ -36,6 +36,7 @@ from training.paradigms import Paradigm, build_paradigm, save_net_checkpoint
 from training.shards import atomic_path, atomic_write_text, write_shards
 from training.synth import generate
 from training.tracker import ConsoleTracker, Tracker
+from training.validation import Validation, load_validation, quick_validation, score_validation, split_validation
 
 EpochCallback = Callable[[dict[str, float], Path], None]
 
@@ -59,7 +60,9 @@ def prepare_data(cfg: DataConfig, cache: Path | None = None) -> Path:
 
 
 def load_splits(cfg: DataConfig, root: Path) -> tuple[TrainDataset, EvalSet]:
-    train = TrainDataset(scan_train(root), image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, augment=cfg.augment)
+    """The training images (less the validation split, `training.validation`) and the test split."""
+    items, _ = split_validation(scan_train(root), cfg.val_fraction)
+    train = TrainDataset(items, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, augment=cfg.augment)
     items = scan_test(root)
     test = TestDataset(items, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std)
     return train, EvalSet.load(test, test_subsets(root, [item.id for item in items]))
@@ -161,7 +164,9 @@ def run_trial(
     tracker.log_params(cfg.to_dict())
     configure_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
-    train_ds, evalset = load_splits(cfg.data, prepare_data(cfg.data, cache))
+    root = prepare_data(cfg.data, cache)
+    train_ds, evalset = load_splits(cfg.data, root)
+    val = load_validation(cfg.data, root)
     if cfg.transfer.paradigm_info.frozen_teacher:
         teacher_checkpoint = str(teacher_checkpoint or cfg.transfer.teacher_checkpoint or ensure_teacher(cfg, cache))
     seed_everything(cfg.train.seed)  # same initial weights whether or not a teacher was just trained
@@ -182,12 +187,17 @@ def run_trial(
             model.cam_net, evalset, device, batch_size=cfg.cam.batch_size, threshold=cfg.cam.threshold,
             num_workers=workers, method=cfg.cam.method,
         )  # fmt: skip
+        if val is not None:
+            metrics |= quick_validation(
+                model.cam_net, val, device, batch_size=cfg.cam.batch_size, threshold=cfg.cam.threshold,
+                method=cfg.cam.method,
+            )  # fmt: skip
         metrics["epoch"] = epoch + 1
         ckpt = save_state(out / "checkpoint", model, opt, sched, epoch + 1)
         tracker.log_metrics(metrics, step=epoch + 1)
         if on_epoch is not None:
             on_epoch(metrics, ckpt)
-    return finish_trial(model, cfg, evalset, out, device, tracker)
+    return finish_trial(model, cfg, evalset, out, device, tracker, val=val)
 
 
 def teacher_features(
@@ -209,13 +219,30 @@ def teacher_features(
 
 
 def finish_trial(
-    model: Paradigm, cfg: TrialConfig, evalset: EvalSet, out: Path, device, tracker: Tracker
+    model: Paradigm,
+    cfg: TrialConfig,
+    evalset: EvalSet,
+    out: Path,
+    device,
+    tracker: Tracker,
+    *,
+    val: Validation | None = None,
 ) -> dict[str, float]:
-    """Extract CAMs, write shards and gallery, score, and record the metrics."""
+    """Extract CAMs, write shards and gallery, score, and record the metrics.
+
+    With a validation split, its metrics (``val_*``) join the test metrics and its
+    CAMs go to ``val_cams/`` beside ``cams/``, so settings can be re-scored on it.
+    """
     workers = default_num_workers(device, cfg.data.num_workers)
     camset = extract_cams(model.cam_net, evalset, cfg.cam, device, num_workers=workers)
     write_shards(out / "cams", camset.ids, camset.cams, camset.logits, camset.labels, shard_size=cfg.cam.shard_size)
     metrics = score(camset, evalset, cfg.cam.threshold)
+    if val is not None:
+        val_metrics, val_cams = score_validation(model.cam_net, val, cfg.cam, device, num_workers=workers)
+        metrics |= val_metrics
+        if val_cams is not None:
+            c = val_cams
+            write_shards(out / "val_cams", c.ids, c.cams, c.logits, c.labels, shard_size=cfg.cam.shard_size)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))
     tracker.log_metrics(metrics, step=cfg.train.epochs)
     for path in save_gallery(camset, evalset, out / "gallery", cfg.cam.gallery):

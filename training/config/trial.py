@@ -47,6 +47,9 @@ class SynthConfig:
         n_test: test images (coupled and decoupled subsets together).
         smoke_fraction: share of smoke images in train and in the coupled test subset.
         chimney_in_clean: probability that a clean train/coupled-test image shows a chimney.
+        chimney_with_smoke: probability that a smoke *training* image shows its chimney
+            (1.0: always, the built-in flaw). A plume without one is drawn like the
+            decoupled test smoke (rising from below the frame or entering from a side).
         decoupled_fraction: share of the test split that is the decoupled subset.
         min_opacity: lowest peak opacity of a plume.
         max_opacity: highest peak opacity of a plume.
@@ -60,6 +63,7 @@ class SynthConfig:
     n_test: int = 240
     smoke_fraction: float = 0.6
     chimney_in_clean: float = 0.1
+    chimney_with_smoke: float = 1.0
     decoupled_fraction: float = 0.25
     min_opacity: float = 0.35
     max_opacity: float = 0.9
@@ -72,7 +76,8 @@ class SynthConfig:
         _check(self, "n_train", lo=2, hi=10**7, integer=True)
         _check(self, "n_test", lo=1, hi=10**7, integer=True)
         _check(self, "seed", lo=0, hi=2**63 - 1, integer=True)
-        for name in ("smoke_fraction", "chimney_in_clean", "decoupled_fraction", "distractor_prob"):
+        shares = ("smoke_fraction", "chimney_in_clean", "chimney_with_smoke", "decoupled_fraction", "distractor_prob")
+        for name in shares:
             _check(self, name, lo=0.0, hi=1.0)
         _check(self, "min_opacity", lo=0.05, hi=1.0)
         _check(self, "max_opacity", lo=self.min_opacity, hi=1.0)
@@ -105,6 +110,7 @@ class DataConfig:
     std: tuple[float, ...] = IMAGENET_STD
     augment: bool = False  # horizontal flips; disables the teacher feature cache
     num_workers: int = 0
+    val_fraction: float = 0.0  # share of each training class held out to choose settings on (training.validation)
 
     def check(self, path: str) -> None:
         one_of(self.source, ("synthetic", "folder"), f"{path}.source")
@@ -117,6 +123,8 @@ class DataConfig:
         if min(self.std) <= 0:
             raise ConfigError(f"{path}.std: expected positive values, got {list(self.std)}")
         at_least(self.num_workers, 0, f"{path}.num_workers")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"{path}.val_fraction: expected a value in [0, 1), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)
@@ -124,10 +132,11 @@ class NetConfig:
     """One backbone, created by name through ``timm.create_model``."""
 
     name: str = "resnet50"
-    pretrained: str = "false"  # "false", "true" (timm's own loading) or a local checkpoint path
+    pretrained: str = "false"  # "false", "true" (timm's hub), a checkpoint file, or a PRETRAINED_WEIGHTS name
     output_stride: int = 16  # CNNs only: 8, 16 or 32
     pcm: bool = False  # CNNs only: refine CAMs with the pixel correlation module
     options: dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs
+    stages: int = 0  # EfficientNet-style CNNs: keep the first N stages, CAM read there (training.models); 0 = all
 
     @property
     def is_vit(self) -> bool:
@@ -138,6 +147,8 @@ class NetConfig:
         if not self.name:
             raise ConfigError(f"{path}.name: expected a timm model name")
         one_of(self.output_stride, (8, 16, 32), f"{path}.output_stride")
+        at_least(self.stages, 0, f"{path}.stages")
+        names.check_pretrained(self.pretrained, self.name, field=f"{path}.pretrained")
 
 
 @dataclass(frozen=True)
