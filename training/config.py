@@ -60,7 +60,7 @@ class NetConfig:
     """One backbone, created by name through ``timm.create_model``."""
 
     name: str = "resnet50"
-    pretrained: str = "false"  # "false", "true" (timm's own loading) or a local checkpoint path
+    pretrained: str = "false"  # "false", "true" (timm's own loading), a local checkpoint path, or "pretrain:<config>"
     output_stride: int = 16  # CNNs only: 8, 16 or 32
     pcm: bool = False  # CNNs only: refine CAMs with the pixel correlation module
     options: dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs
@@ -69,6 +69,10 @@ class NetConfig:
         if not self.name:
             raise ConfigError(f"{path}.name: expected a timm model name")
         _one_of(self.output_stride, (8, 16, 32), f"{path}.output_stride")
+        if self.pretrained.startswith("pretrain:"):  # a pre-training config: must exist and fit this net
+            from training.pretrain import check_pretrain_ref
+
+            check_pretrain_ref(self, f"{path}.pretrained")
 
 
 @dataclass(frozen=True)
