@@ -18,7 +18,6 @@ from training.config import TrialConfig
 from training.errors import CheckpointError, ConfigError
 from training.models import build_net, classifier_keys, read_state_dict
 from training.pretrain import (
-    PretrainConfig,
     ensure_pretrained,
     load_pretrain_config,
     pretrain_key,
@@ -43,11 +42,11 @@ def _write(tmp_path: Path, data: dict, name: str = "tiny_vit.yaml") -> Path:
     return path
 
 
+_SHIPPED_VIT = "fractal_vit"
+
+
 def _key(**overrides) -> str:
     return pretrain_key(load_pretrain_config(_SHIPPED_VIT, overrides))
-
-
-_SHIPPED_VIT = "fractal_vit"
 
 
 def test_every_shipped_pretrain_config_loads_and_fits_its_cpu_network() -> None:
@@ -209,5 +208,15 @@ def test_cli_prints_the_checkpoint_and_reports_the_cache(
     assert "unknown pretrain config 'fractal_vt' (did you mean \"fractal_vit\"?)" in capsys.readouterr().err
 
 
-def test_pretrain_config_defaults_are_valid() -> None:
-    assert PretrainConfig().train.epochs >= 1
+def test_validate_accepts_a_pretrain_reference_and_refuses_a_bad_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "trials" / "cpu.yaml").read_text())
+    space = tmp_path / "space.yaml"
+    grid = {"model.student.pretrained": ["false", "pretrain:fractal_vit"]}
+    space.write_text(yaml.safe_dump({"name": "pt", "base": base, "grid": grid}))
+    assert main(["validate", str(space)]) == 0  # not mistaken for a missing checkpoint file; nothing trains
+    assert "expands to 2 trials" in capsys.readouterr().out
+    space.write_text(yaml.safe_dump({"name": "pt", "base": base, "grid": {"model.student.pretrained": ["pretrain:x"]}}))
+    assert main(["validate", str(space)]) == 2
+    assert "model.student.pretrained: unknown pretrain config 'x'" in capsys.readouterr().err
