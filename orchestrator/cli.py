@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsss", description="Sweeps of cross-architecture consistency for WSSS of smoke.")
     sub = p.add_subparsers(title="commands")
     _add_trial(sub)
+    _add_pretrain(sub)
     _add_data(sub)
     from orchestrator import commands
 
@@ -105,6 +106,45 @@ def _shown(path: Path) -> Path:
         return path.relative_to(Path.cwd())
     except ValueError:
         return path
+
+# ---------------------------------------------------------------- pretrain
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="pre-train a backbone on the fractal corpus (cached); print its checkpoint")
+    p.add_argument("config", help="pretrain YAML, or the name of a shipped one (search_spaces/pretrain/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 corpus.classes=50")
+    p.add_argument("--preview", type=Path, help="also save a PNG grid of corpus images (a row per class)")
+    p.set_defaults(run=run_pretrain_command)
+
+
+def run_pretrain_command(args) -> int:
+    from training.config.pretrain import load_pretrain_config
+    from training.pretrain import ensure_pretrained, pretrained_path
+    from training.trial import cache_root
+
+    cfg = load_pretrain_config(args.config, args.overrides)
+    if args.preview:
+        _save_corpus_preview(cfg.corpus, args.preview)
+    cached = pretrained_path(cfg, cache_root()).is_file()
+    path = ensure_pretrained(cfg, cache_root())
+    metrics = path.with_suffix("") / "metrics.json"
+    if metrics.is_file():
+        print(metrics.read_text().strip())
+    print(f"pre-trained backbone{' (cached)' if cached else ''}: {path}")
+    ref = f"pretrain:{args.config}" if not args.overrides else str(path)
+    print(f"use it in a trial of this network: model.student.pretrained={ref} (or model.teacher.pretrained=...)")
+    return 0
+
+
+def _save_corpus_preview(corpus, out: Path) -> None:
+    import cv2
+
+    from training.fractals import cached_corpus, load_corpus, preview
+    from training.trial import cache_root
+
+    cv2.imwrite(str(out), preview(load_corpus(cached_corpus(corpus, cache_root())))[..., ::-1])
+    print(f"corpus preview in {out}")
 
 
 # ---------------------------------------------------------------- data

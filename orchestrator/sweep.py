@@ -29,6 +29,7 @@ from orchestrator.space import SearchSpace, TrialSpec, arm, check_checkpoints, e
 from orchestrator.tracking import SweepTracking, check_reachable, flatten
 from training.config import TrialConfig, from_dict
 from training.errors import ConfigError, TrainingDiverged
+from training.pretrain import resolve_pretrained
 from training.shards import atomic_write_text
 from training.trial import cache_root, ensure_teacher, prepare_data, run_trial
 
@@ -177,7 +178,7 @@ def plan(space: SearchSpace, name: str, storage: Path, tracking_uri: str) -> lis
 def prepare(
     space: SearchSpace, name: str, storage: Path, tracking_uri: str, trials: list[TrialSpec] | None = None
 ) -> tuple[list[TrialSpec], SweepContext]:
-    """Set up what trials share (MLflow runs, data, teachers) in the driver.
+    """Set up what trials share (MLflow runs, data, teachers, pre-trained backbones) in the driver.
 
     Args:
         trials: from `plan`; planned here when None.
@@ -188,6 +189,8 @@ def prepare(
     tracking = SweepTracking.open(tracking_uri, EXPERIMENT, name, space=space.raw, description=description)
     cache = cache_root()
     trials = _with_teachers(trials, root, cache)
+    for t in trials:  # pre-train each backbone a trial names once here, not in racing trials
+        resolve_pretrained(t.config, cache)
     for cfg in {t.config.data for t in trials}:
         prepare_data(cfg, cache)
     finished, failed, _ = status(root)

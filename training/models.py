@@ -114,18 +114,21 @@ def tokens_to_map(
     return patches.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
 
 
-def build_net(cfg: NetConfig, *, image_size: int) -> Backbone:
+def build_net(cfg: NetConfig, *, image_size: int, num_classes: int = NUM_CLASSES) -> Backbone:
     """Create the backbone named in ``cfg`` and load its weights.
 
     Args:
         cfg: the network config (timm name, pretrained mode, output stride, options).
         image_size: training input side; ViT position embeddings are built for it
             and interpolated on the fly at other sizes (multi-scale CAMs).
+        num_classes: outputs of the linear head (pre-training on K classes; trials use 1).
     """
     if not timm.is_model(cfg.name):
         raise ConfigError(f"model name {cfg.name!r}: not a timm model{did_you_mean(cfg.name, timm.list_models())}")
+    if cfg.pretrained.startswith("pretrain:"):  # a bug, not input: `run_trial` resolves these first
+        raise CheckpointError(f"pretrained={cfg.pretrained!r}: resolve it with training.pretrain.resolve_pretrained")
     kwargs = dict(cfg.options)
-    kwargs["num_classes"] = NUM_CLASSES
+    kwargs["num_classes"] = num_classes
     if cfg.is_vit:
         kwargs.update(global_pool="avg", fc_norm=False, dynamic_img_size=True, img_size=image_size)
     else:
@@ -191,7 +194,9 @@ def load_weights(net: nn.Module, path: Path, *, is_vit: bool, adapter: KeyAdapte
 
     Without ``adapter``: tensors whose key and shape match the model are loaded, the
     rest skipped (classifier weights of another shape, e.g. ImageNet's 1000 classes);
-    ViT position embeddings are resampled to the model's grid (``is_vit``). With ``adapter``
+    ViT position embeddings are resampled to the model's grid (``is_vit``). A backbone
+    written by `save_backbone_checkpoint` (a pre-training run, head dropped) loads
+    strictly: every weight but the classifier's must be there with its shape. With ``adapter``
     (e.g. `training.weights.map_by_order` for another library's key names): the
     adapter renames and checks every tensor and the result is loaded strictly.
 
@@ -200,6 +205,8 @@ def load_weights(net: nn.Module, path: Path, *, is_vit: bool, adapter: KeyAdapte
             the model, or (with ``adapter``) does not fit it tensor for tensor.
     """
     state = read_state_dict(path)
+    if isinstance(state, dict) and state.get("format") == BACKBONE_FORMAT:
+        return _load_backbone(net, state["state_dict"], path, is_vit=is_vit)
     state = _unwrap(state)
     if adapter is not None:
         net.load_state_dict(adapter(state, net, origin=str(path)), strict=True)
@@ -216,6 +223,42 @@ def load_weights(net: nn.Module, path: Path, *, is_vit: bool, adapter: KeyAdapte
             f"architecture (first keys: {list(state)[:3]})"
         )
     net.load_state_dict(fitting, strict=False)
+
+
+BACKBONE_FORMAT = "wsss-backbone"
+
+
+def classifier_keys(net: nn.Module) -> set[str]:
+    """State-dict keys of the model's linear head (``head.weight``, ``fc.bias``, …)."""
+    head = net.get_classifier()
+    prefix = next(name for name, module in net.named_modules() if module is head)
+    return {k for k in net.state_dict() if k.startswith(f"{prefix}.")}
+
+
+def save_backbone_checkpoint(net: nn.Module, path: Path, *, meta: dict) -> None:
+    """Write a timm model's weights without its classifier (a pre-training head of K
+    classes means nothing to a trial), plus a small metadata dict."""
+    head = classifier_keys(net)
+    weights = {k: v for k, v in net.state_dict().items() if k not in head}
+    torch.save({"format": BACKBONE_FORMAT, "meta": meta, "state_dict": weights}, path)
+
+
+def _load_backbone(net: nn.Module, weights: dict[str, torch.Tensor], path: Path, *, is_vit: bool) -> None:
+    if is_vit:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        weights = checkpoint_filter_fn(weights, net)  # position embeddings to this grid
+    own, head = net.state_dict(), classifier_keys(net)
+    missing = [k for k in own if k not in weights and k not in head]
+    problems = [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in weights if k not in own or k in head]
+    problems += [f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} here"
+                 for k, v in weights.items() if k in own and own[k].shape != v.shape]  # fmt: skip
+    if problems:
+        raise CheckpointError(
+            f"{path}: the pre-trained backbone does not fit this network ({len(problems)} problems, first: "
+            f"{problems[0]}); check the network config matches the one it was pre-trained with"
+        )
+    net.load_state_dict(weights, strict=False)  # only the classifier stays as initialised
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from training.config.trial import SynthConfig
+from training.config.data import SynthConfig
 from training.errors import DataError
 
 # Bump when the rendering or the files written change, so cached datasets are rebuilt.

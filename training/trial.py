@@ -33,6 +33,7 @@ from training.loop import (
     train_epoch,
 )
 from training.paradigms import Paradigm, build_paradigm, save_net_checkpoint
+from training.pretrain import pretrain_identity, resolve_pretrained
 from training.shards import atomic_path, atomic_write_text, write_shards
 from training.synth import generate
 from training.tracker import ConsoleTracker, Tracker
@@ -100,7 +101,10 @@ def teacher_key(cfg: TrialConfig) -> str:
     """Hash of what determines the teacher's weights (not device or thread count)."""
     t = teacher_config(cfg)
     neutral = {"train.device": "auto", "train.threads": 0, "train.teacher_cache": "float16"}
-    return t.replace(**neutral).digest("data", "model.teacher", "train")
+    d = t.replace(**neutral).to_dict()
+    # a pre-training reference counts by its file's content, so editing the file retrains the teacher
+    d["model"]["teacher"]["pretrained"] = pretrain_identity(t.model.teacher.pretrained)
+    return config_digest({"data": d["data"], "model.teacher": d["model"]["teacher"], "train": d["train"]})
 
 
 def ensure_teacher(cfg: TrialConfig, cache: Path | None = None, *, tracker: Tracker | None = None) -> Path:
@@ -124,7 +128,8 @@ def ensure_teacher(cfg: TrialConfig, cache: Path | None = None, *, tracker: Trac
 
 
 def _rebuild_from_state(cfg: TrialConfig, run_dir: Path) -> Paradigm:
-    model = build_paradigm(cfg)
+    # The saved state replaces every weight: build from scratch, never load pretrained ones first.
+    model = build_paradigm(cfg.replace(**{"model.teacher.pretrained": "false", "model.student.pretrained": "false"}))
     state = torch.load(run_dir / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     return model
@@ -152,7 +157,7 @@ def run_trial(
         tracker: where params/metrics/artifacts go (default: console + events.jsonl).
         on_epoch: called after each epoch with its metrics and checkpoint folder.
         resume_from: a checkpoint folder written by an earlier run of this trial.
-        cache: cache folder for synthetic data and teachers (default `cache_root()`).
+        cache: cache folder for synthetic data, teachers and pre-trained backbones (default `cache_root()`).
         teacher_checkpoint: overrides ``cfg.transfer.teacher_checkpoint``.
     Returns:
         The final metrics (also in ``metrics.json``).
@@ -169,8 +174,9 @@ def run_trial(
     val = load_validation(cfg.data, root)
     if cfg.transfer.paradigm_info.frozen_teacher:
         teacher_checkpoint = str(teacher_checkpoint or cfg.transfer.teacher_checkpoint or ensure_teacher(cfg, cache))
+    built = resolve_pretrained(cfg, cache or cache_root())  # `pretrain:` references → backbones (trained if missing)
     seed_everything(cfg.train.seed)  # same initial weights whether or not a teacher was just trained
-    model = build_paradigm(cfg, teacher_checkpoint).to(device)
+    model = build_paradigm(built, teacher_checkpoint).to(device)
     if cfg.train.channels_last:
         model.use_channels_last()
     features = teacher_features(cfg, model, train_ds, teacher_checkpoint, cache, device)

@@ -6,6 +6,8 @@ a second. The modules, leaf first:
 
 - `names`: every name a config may use, and the facts the code needs about it;
 - `parse`: plain data → dataclasses, value checks, YAML and ``key=value`` overrides;
+- `data`, `net`: the data section and one backbone;
+- `pretrain`: a pre-training run on the fractal corpus (`wsss pretrain`, ``pretrained: "pretrain:<name>"``);
 - `trial`: the trial config (`TrialConfig` and its sections);
 - `refine`: refinement steps (one dataclass each) and pipelines;
 - `sweep`: the sweep file (`SearchSpace`, resources, scheduler, tables, its ``refine:`` section).
@@ -15,6 +17,8 @@ Building happens elsewhere, once per trial, from these values: ``build_paradigm`
 ``build_pipeline`` in ``postproc``.
 """
 
+from training.config.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, SynthConfig
+from training.config.net import NetConfig
 from training.config.parse import (
     apply_overrides,
     config_digest,
@@ -23,13 +27,8 @@ from training.config.parse import (
     parse_overrides,
 )
 from training.config.trial import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     CamConfig,
-    DataConfig,
     ModelConfig,
-    NetConfig,
-    SynthConfig,
     TrainConfig,
     TransferConfig,
     TrialConfig,

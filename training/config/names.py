@@ -235,13 +235,16 @@ PRETRAINED_WEIGHTS: Registry[WeightsInfo] = Registry.of("pretrained weights name
 
 
 def pretrained_kind(value: str) -> str:
-    """What a ``pretrained`` value means: "false", "true", "file" or "name".
+    """What a ``pretrained`` value means: "false", "true", "pretrain", "file" or "name".
 
-    A value is a file when it names an existing file, has a checkpoint suffix or a
-    path separator; otherwise it is a registered name (checked by `check_pretrained`).
+    ``pretrain:<config>`` names a pre-training run (`training.config.pretrain`). A value
+    is a file when it names an existing file, has a checkpoint suffix or a path separator;
+    otherwise it is a registered name (checked by `check_pretrained`).
     """
     if value.lower() in ("true", "false"):
         return value.lower()
+    if value.startswith("pretrain:"):
+        return "pretrain"
     path = Path(value).expanduser()
     if path.is_file() or path.suffix in CHECKPOINT_SUFFIXES or "/" in value or "\\" in value:
         return "file"
