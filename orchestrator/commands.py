@@ -99,10 +99,25 @@ def run_validate(args) -> int:
     print(f"  tables: {', '.join(t.name for t in space.tables) or 'none'}")
     if space.refine:
         print(f"  refinement pipelines: {len(space.refine.pipelines)}")
+    ours = sorted({pair for t in trials if (pair := _our_pair(t.config))})
+    if ours:
+        listed = ", ".join(f"{m}·{lv}" for m, lv in ours)
+        print(f"  transfer pairs without a thesis reference (ours): {listed}")
     if args.list:
         for t in trials:
-            print(f"  {t.id}: {t.run_name}")
+            mark = "  [ours: no thesis reference]" if _our_pair(t.config) else ""
+            print(f"  {t.id}: {t.run_name}{mark}")
     return 0
+
+
+def _our_pair(cfg) -> tuple[str, str] | None:
+    """The trial's (metric, level) when it has a transfer term the thesis's code does not define."""
+    from training.config.names import pair_origin
+
+    t = cfg.transfer
+    if not t.paradigm_info.transfer or pair_origin(t.metric, t.level) == "thesis":
+        return None
+    return t.metric, t.level
 
 
 def run_sweep_command(args) -> int:

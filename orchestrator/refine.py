@@ -58,10 +58,20 @@ log = logging.getLogger(__name__)
 
 def data_root(trial_dir: Path) -> Path:
     """The dataset folder of a trial, from its resolved ``config.yaml``."""
-    from training.config import load_trial_config
     from training.trial import prepare_data  # imports torch and timm: only where needed
 
-    return prepare_data(load_trial_config(Path(trial_dir) / "config.yaml").data)
+    return prepare_data(_trial_config(trial_dir).data)
+
+
+def seed_threshold(trial_dir: Path) -> float:
+    """The trial's ``cam.threshold``: its refinement seeds (and CRF decisions) use the same one."""
+    return _trial_config(trial_dir).cam.threshold
+
+
+def _trial_config(trial_dir: Path):
+    from training.config import load_trial_config
+
+    return load_trial_config(Path(trial_dir) / "config.yaml")
 
 
 def make_units(
@@ -86,8 +96,8 @@ def make_units(
     units = []
     for trial_id, trial_dir in trials.items():
         trial_dir = Path(trial_dir).resolve()
-        root, shards = data_root(trial_dir), shard_paths(trial_dir / "cams")
-        units += [RefineUnit(trial_dir, str(trial_id), s, root, spec) for spec in unique for s in shards]
+        root, shards, threshold = data_root(trial_dir), shard_paths(trial_dir / "cams"), seed_threshold(trial_dir)
+        units += [RefineUnit(trial_dir, str(trial_id), s, root, spec, threshold) for spec in unique for s in shards]
     return units
 
 

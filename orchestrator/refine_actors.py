@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from postproc.pipeline import Pipeline
-from training.config.refine import pipeline_key, pipeline_uses_gpu
+from training.config.refine import ThresholdStep, pipeline_key, pipeline_uses_gpu
 from training.errors import ConfigError, DataError, WsssError
 from training.metrics import IoUCounter, iou_counts
 from training.shards import INDEX, atomic_path, atomic_write_text, read_shard
@@ -57,6 +57,7 @@ class RefineUnit:
         shard: the CAM shard file, listed in ``trial_dir/cams/index.json``.
         data_root: dataset folder whose ``test/`` split the CAMs belong to.
         spec: the pipeline as ``[{"step": name, **params}, ...]``; ``[]`` is the seed.
+        seed_threshold: the trial's ``cam.threshold``: the seed mask and the CRF's decision.
     """
 
     trial_dir: Path
@@ -64,6 +65,7 @@ class RefineUnit:
     shard: Path
     data_root: Path
     spec: list[dict[str, Any]] = field(default_factory=list, hash=False)
+    seed_threshold: float = ThresholdStep.threshold
 
     @property
     def key(self) -> str:
@@ -137,6 +139,7 @@ def read_counts(unit: RefineUnit) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     fresh = record.get("pipeline") == unit.key and record.get("shard_sha256") == shard_sha(unit.shard)
+    fresh = fresh and record.get("seed_threshold", ThresholdStep.threshold) == unit.seed_threshold
     return record if fresh and unit.masks_path.is_file() else None
 
 
@@ -167,14 +170,15 @@ def run_unit(unit: RefineUnit, pipeline: Pipeline | None = None) -> int:
         gt = read_mask(items[image_id].mask, shape=image.shape[:2], image=items[image_id].image)
         if cam.shape != gt.shape:
             raise DataError(f"{unit.shard}: CAM {image_id!r} is {cam.shape}, its image {gt.shape}; expected the same")
-        mask = pipeline(image, cam)
+        mask = pipeline(image, cam, seed_threshold=unit.seed_threshold)
         intersection, union = iou_counts(mask, gt)
         counter.add_counts(intersection, union, has_smoke=bool(gt.any()))
         records.append({"id": image_id, "intersection": intersection, "union": union, "has_smoke": bool(gt.any())})
         masks.append(mask)
     unit.out_dir.mkdir(parents=True, exist_ok=True)
     write_masks(unit.masks_path, shard.ids, masks)
-    record = {"pipeline": unit.key, "spec": unit.spec, "trial_id": unit.trial_id, "shard": unit.shard.name,
+    record = {"pipeline": unit.key, "spec": unit.spec, "seed_threshold": unit.seed_threshold,
+              "trial_id": unit.trial_id, "shard": unit.shard.name,
               "shard_sha256": sha, "counter": counter.to_dict(), "images": records,
               "seconds": round(time.perf_counter() - start, 4)}
     atomic_write_text(unit.counts_path, json.dumps(record, indent=1))  # last: marks the unit finished

@@ -168,4 +168,5 @@ def arm(cfg: TrialConfig) -> str:
     t = cfg.transfer
     if t.paradigm_info.transfer:
         return t.paradigm
-    return f"{t.paradigm}_{'cnn' if t.cam_network == 'teacher' else 'vit'}"
+    row = f"{t.paradigm}_{'cnn' if t.cam_network == 'teacher' else 'vit'}"
+    return f"{row}+pcm" if cfg.cam_net.pcm else row  # the thesis reports ResNet-50 with and without PCM

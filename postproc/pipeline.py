@@ -42,7 +42,8 @@ from training.config.refine import SEED_KEY, STEPS, CrfStep, RegionsStep, StepSp
 from training.errors import ConfigError
 from training.registry import Registry
 
-StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]
+# a step: (image, cam, mask so far, the seed threshold) → mask
+StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray | None, float], np.ndarray]
 
 __all__ = ["STEPS", "STEP_BUILDERS", "BackendCache", "Pipeline", "StepSpec", "build_pipeline"]
 
@@ -71,20 +72,23 @@ STEP_BUILDERS: Registry[Callable[[Any, BackendCache], StepFn]] = Registry("refin
 
 @STEP_BUILDERS.register("threshold")
 def _threshold(step: ThresholdStep, backends: BackendCache) -> StepFn:
-    return lambda image, cam, mask: seed_mask(cam, threshold=step.threshold)
+    return lambda image, cam, mask, seed: seed_mask(cam, threshold=step.threshold)
 
 
 @STEP_BUILDERS.register("crf")
 def _crf(step: CrfStep, backends: BackendCache) -> StepFn:
     params = shallow_fields(step)
-    return lambda image, cam, mask: crf_refine(image, cam, **params)
+    if step.fg_threshold is not None:
+        return lambda image, cam, mask, seed: crf_refine(image, cam, **params)
+    # the thesis decides at the CAM's own threshold: the trial's, as the seed's
+    return lambda image, cam, mask, seed: crf_refine(image, cam, **(params | {"fg_threshold": seed}))
 
 
 @STEP_BUILDERS.register("regions")
 def _regions(step: RegionsStep, backends: BackendCache) -> StepFn:
     proposals = backends.get(step.backend, shallow_fields(step.proposals))
     selection = step.selection()
-    return lambda image, cam, mask: refine_with_proposals(proposals.propose(image), mask, **selection)
+    return lambda image, cam, mask, seed: refine_with_proposals(proposals.propose(image), mask, **selection)
 
 
 class Pipeline:
@@ -125,12 +129,14 @@ class Pipeline:
     def to_spec(self) -> list[dict[str, Any]]:
         return [spec.to_dict() for spec in self.specs]
 
-    def __call__(self, image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    def __call__(self, image: np.ndarray, cam: np.ndarray, *, seed_threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
         """Refine one CAM.
 
         Args:
             image: H×W×3 uint8 RGB.
             cam: H×W float32 in [0, 1], same H×W as ``image``.
+            seed_threshold: the trial's ``cam.threshold``: the seed mask of a pipeline that
+                starts without a CAM step, and the CRF's decision threshold unless set.
 
         Returns:
             H×W bool pseudo mask.
@@ -140,9 +146,9 @@ class Pipeline:
         mask = None
         for step, function in zip(self.steps, self._functions, strict=True):
             if mask is None and not step.starts_from_cam:
-                mask = seed_mask(cam, threshold=DEFAULT_THRESHOLD)
-            mask = function(image, cam, mask)
-        return seed_mask(cam, threshold=DEFAULT_THRESHOLD) if mask is None else mask
+                mask = seed_mask(cam, threshold=seed_threshold)
+            mask = function(image, cam, mask, seed_threshold)
+        return seed_mask(cam, threshold=seed_threshold) if mask is None else mask
 
     def __repr__(self) -> str:
         return f"Pipeline({self.key})"

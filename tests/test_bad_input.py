@@ -178,7 +178,8 @@ def _space(tmp_path: Path, **sections) -> Path:
         ),
         (
             {"refine": {"pipelines": [[{"step": "crf", "sacle": 12}]]}},
-            r"pipeline\[0\]: step 'crf' has no parameter\(s\) sacle; valid: alpha, .*\(did you mean \"scale\"\?\)",
+            r"pipeline\[0\]: step 'crf' has no parameter\(s\) sacle; valid: recipe, scale, alpha, "
+            r".*\(did you mean \"scale\"\?\)",
         ),
         (
             {"refine": {"pipelines": [[{"step": "crf", "scale": {"grid": [12, -1]}}]]}},
@@ -189,11 +190,33 @@ def _space(tmp_path: Path, **sections) -> Path:
                                                                                             "points_per_side": 0}}]]}},
             r"pipeline\[0\] \(regions\): proposal_params\.points_per_side: expected a number in \[1, inf\), got 0",
         ),
+        (
+            {"set": {"model.student.head": "token", "cam.method": "weight"}},
+            r"cam\.method: 'weight' reads the classifier weights .* model\.student\.head is 'token'; use "
+            r"cam\.method: gradcam .* or model\.student\.head: avg",
+        ),
+        ({"set": {"model.teacher.head": "token"}}, r"model\.teacher\.head: 'token' needs a ViT .*remove the key"),
+        (
+            {"set": {"transfer.paradigm": "teacher_student", "model.proj_channels": 4}},
+            r"model\.proj_channels: transfer\.teacher_target 'classifier_map' has 2 channels.* or "
+            r"transfer\.teacher_target: projection",
+        ),
+        (
+            {"set": {"transfer.teacher_target": "projektion"}},
+            r"transfer\.teacher_target: unknown teacher target 'projektion' \(did you mean \"projection\"\?\)",
+        ),
+        ({"set": {"cam.normalise": "minmax2"}}, r"cam\.normalise: unknown CAM normalisation 'minmax2'"),
+        (
+            {"refine": {"pipelines": [[{"step": "crf", "recipe": "thesys"}]]}},
+            r"pipeline\[0\] \(crf\): recipe: unknown CRF recipe 'thesys' \(did you mean \"thesis\"\?\); valid: psa",
+        ),
     ],
     ids=[
         "unknown-section", "unknown-key", "unknown-paradigm", "metric-level", "negative-lambda", "empty-scales",
         "gpu-fraction", "unknown-cam", "missing-teacher", "missing-pretrained", "refine-unknown-step",
-        "refine-unknown-field", "refine-bad-value", "refine-bad-sam-value",
+        "refine-unknown-field", "refine-bad-value", "refine-bad-sam-value", "weight-cam-with-token-head",
+        "token-head-on-a-cnn", "target-channels", "unknown-teacher-target", "unknown-normalisation",
+        "unknown-crf-recipe",
     ],
 )  # fmt: skip
 def test_validate_names_the_culprit(tmp_path, capsys, sections, expected):

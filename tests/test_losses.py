@@ -44,9 +44,11 @@ def inputs_for(level: str, seed: int) -> torch.Tensor:
         ("global", [[1.0, 2.0, 3.0, 4.0]]),
         ("spatial", [[1.0, 3.0], [2.0, 4.0]]),
         ("channel", [[1.0, 2.0], [3.0, 4.0]]),
+        ("channel_matched", [[1.0, 2.0], [3.0, 4.0]]),
         ("spatial_map", [[2.0, 3.0]]),
-        # F = [[1, 2], [3, 4]]; F·Fᵀ = [[5, 11], [11, 25]]; / (H·W = 2)
-        ("gram", [[2.5, 5.5, 5.5, 12.5]]),
+        # F = [[1, 2], [3, 4]]; F·Fᵀ = [[5, 11], [11, 25]]; / (H·W = 2); columns as units
+        ("gram", [[2.5, 5.5], [5.5, 12.5]]),
+        ("gram_flat", [[2.5, 5.5, 5.5, 12.5]]),
     ],
 )
 def test_level_units_of_tiny_map(level: str, expected: list[list[float]]) -> None:
@@ -59,8 +61,10 @@ def test_logit_units_are_one_unit_per_sample() -> None:
 
 
 def test_registered_names() -> None:
-    assert METRICS.names() == ["cosine", "kl", "l1", "l2"]
-    assert LEVELS.names() == ["channel", "global", "gram", "logits", "spatial", "spatial_map"]
+    assert METRICS.names() == ["cosine", "kl", "l1", "l2", "mse"]
+    assert LEVELS.names() == [
+        "channel", "channel_matched", "global", "gram", "gram_flat", "logits", "spatial", "spatial_map"
+    ]
 
 
 # ------------------------------------------------------------------------ metrics
@@ -75,8 +79,10 @@ def test_registered_names() -> None:
         ("cosine", [1, 1], [1, 0], 1 - 1 / math.sqrt(2)),
         ("l1", [1, 2], [2, 4], 1.5),  # (1 + 2) / 2
         ("l1", [0, 0, 0], [3, 0, -3], 2.0),  # (3 + 0 + 3) / 3
-        ("l2", [1, 2], [2, 4], 2.5),  # (1 + 4) / 2
-        ("l2", [0, 0, 0], [3, 0, -3], 6.0),  # (9 + 0 + 9) / 3
+        ("l2", [1, 2], [2, 4], math.sqrt(5.0)),  # the thesis: a norm, √(1 + 4)
+        ("l2", [0, 0, 0], [3, 0, -3], 3 * math.sqrt(2.0)),  # √(9 + 0 + 9)
+        ("mse", [1, 2], [2, 4], 2.5),  # (1 + 4) / 2
+        ("mse", [0, 0, 0], [3, 0, -3], 6.0),  # (9 + 0 + 9) / 3
         # p_t = softmax([ln3, 0]) = [3/4, 1/4], p_s = [1/2, 1/2]
         ("kl", [0, 0], [LN3, 0], 0.75 * math.log(1.5) + 0.25 * math.log(0.5)),
         # reversed: p_t = [1/2, 1/2], p_s = [3/4, 1/4]
@@ -151,8 +157,18 @@ def test_every_valid_pair(metric: str, level: str) -> None:
     assert loss.dim() == 0
     assert torch.isfinite(loss)
     assert loss.item() >= 0
+    if level == "channel":  # all pairs: zero only when every channel is alike
+        student = student[:, :1].expand_as(student).clone()
     same = transfer_loss(student, student.clone(), metric=metric, level=level)
     assert same.item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_all_pairs_channel_cosine_cannot_reach_zero_with_distinct_channels() -> None:
+    """The thesis's channel level: 1 − mean over all C_s×C_t pairs; channels [1,0] and [0,1]
+    against themselves: cos = 1 (i = j) twice and 0 (i ≠ j) twice → 1 − 2/4 = 0.5."""
+    maps = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
+    assert transfer_loss(maps, maps.clone(), metric="cosine", level="channel").item() == pytest.approx(0.5)
+    assert transfer_loss(maps, maps.clone(), metric="cosine", level="channel_matched").item() == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize(("metric", "level"), valid_pairs())
@@ -185,9 +201,9 @@ def test_inputs_not_mutated() -> None:
 
 def test_valid_pairs_table() -> None:
     pairs = valid_pairs()
-    assert len(pairs) == 4 * 6 - 5
-    assert ("kl", "logits") in pairs and ("cosine", "global") in pairs
-    for invalid in [("cosine", "logits"), ("l1", "spatial"), ("l2", "channel")]:
+    assert len(pairs) == 5 * 8 - 5
+    assert ("kl", "logits") in pairs and ("cosine", "global") in pairs and ("l2", "spatial") in pairs
+    for invalid in [("cosine", "logits"), ("l1", "spatial"), ("mse", "channel_matched")]:
         assert invalid not in pairs
 
 
@@ -196,9 +212,9 @@ def test_valid_pairs_table() -> None:
     [
         ("cosine", "logits", "sign"),
         ("l1", "spatial", "use level=global"),
-        ("l1", "channel", "use level=global"),
-        ("l2", "spatial", "use level=global"),
-        ("l2", "channel", "use level=global"),
+        ("l1", "channel_matched", "use level=global"),
+        ("mse", "spatial", "use level=global"),
+        ("mse", "channel_matched", "use level=global"),
     ],
 )
 def test_invalid_pairs_say_why(metric: str, level: str, why: str) -> None:
@@ -212,8 +228,8 @@ def test_invalid_pairs_say_why(metric: str, level: str, why: str) -> None:
 @pytest.mark.parametrize(
     ("metric", "level", "listed"),
     [
-        ("cos", "global", "cosine, kl, l1, l2"),
-        ("cosine", "pixel", "channel, global, gram, logits, spatial, spatial_map"),
+        ("cos", "global", "cosine, kl, l1, l2, mse"),
+        ("cosine", "pixel", "channel, channel_matched, global, gram, gram_flat, logits, spatial, spatial_map"),
     ],
 )
 def test_unknown_names_list_valid_ones(metric: str, level: str, listed: str) -> None:

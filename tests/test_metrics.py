@@ -161,8 +161,8 @@ def test_masks_at_is_cam_at_least_threshold() -> None:
 @pytest.mark.parametrize(
     ("cams", "gts", "thresholds", "expected"),
     [
-        # 0.45, 0.5, 0.55 and 0.6 all give IoU 1; ties go to the lowest
-        ([RAMP_CAM], [RAMP_GT], DEFAULT_THRESHOLDS, (0.45, 1.0)),
+        # every threshold in (0.4, 0.6] keeps exactly 0.6 and 0.8: IoU 1; ties go to the lowest, 0.41
+        ([RAMP_CAM], [RAMP_GT], DEFAULT_THRESHOLDS, (0.41, 1.0)),
         ([RAMP_CAM], [RAMP_GT], [0.1, 0.3, 0.7], (0.3, 2 / 3)),
         # t=0.1: (2+2)/(4+2) = 2/3; t=0.5: (2+1)/(2+2) = 3/4; t=0.7: (1+1)/(2+2) = 1/2
         ([RAMP_CAM, HALF_CAM], [RAMP_GT, HALF_GT], [0.1, 0.5, 0.7], (0.5, 0.75)),

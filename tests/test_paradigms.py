@@ -10,7 +10,8 @@ import torch
 
 from training.config import TrialConfig
 from training.config.names import valid_pairs
-from training.errors import CheckpointError
+from training.errors import CheckpointError, ConfigError
+from training.loop import make_optimizer
 from training.models import build_net
 from training.paradigms import (
     PARADIGMS,
@@ -112,22 +113,50 @@ def _has_signal(module: torch.nn.Module) -> bool:
 
 
 def test_teacher_student_freezes_the_teacher(make_config, teacher_file: Path) -> None:
+    """The thesis's kd.py: the teacher and its 2-channel target take no gradient, are in no
+    optimiser group, and give bit-identical targets before and after a training step."""
     model = _build(make_config, "teacher_student", teacher_file)
     model.train()
     assert model.cam_net.training and model.proj_student.training
     assert not any(m.training for m in model.teacher.modules())  # BatchNorm statistics frozen
     stats = {k: v.clone() for k, v in model.teacher.state_dict().items()}
-    trainable = {id(p) for p in model.trainable()}
-    assert not any(id(p) in trainable for p in model.teacher.parameters())
+    frozen = [*model.teacher.parameters(), *model.target.parameters()]
+    opt, _ = make_optimizer(model, make_config().train, steps_per_epoch=1)
+    optimised = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert not any(id(p) in optimised for p in frozen)
+    assert {id(p) for p in model.proj_student.parameters()} <= optimised
 
     images, labels = _batch()
+    with torch.no_grad():
+        before = model.teacher_target(model.teacher.feature_map(images))
+    assert before.shape[1] == 2  # the smoke classifier map and the untrained channel
+    opt.zero_grad()
     loss, _ = model.loss(images, labels)
     loss.backward()
-    assert all(g is None for g in _grads(model.teacher))
-    assert all(not p.requires_grad for p in model.teacher.parameters())
-    for part in (model.cam_net, model.proj_student, model.proj_teacher):
+    opt.step()
+    assert all(p.grad is None and not p.requires_grad for p in frozen)
+    for part in (model.cam_net, model.proj_student):
         assert _has_signal(part), type(part).__name__
     assert all(torch.equal(v, model.teacher.state_dict()[k]) for k, v in stats.items())
+    with torch.no_grad():
+        assert torch.equal(model.teacher_target(model.teacher.feature_map(images)), before)
+
+
+def test_the_target_is_the_teachers_classifier_map(make_config, teacher_file: Path) -> None:
+    """Channel 0 is w·F + b at every position: its spatial mean is the teacher's logit."""
+    model = _build(make_config, "teacher_student", teacher_file).eval()
+    images, _ = _batch()
+    with torch.no_grad():
+        logits, fmap = model.teacher(images)
+        target = model.teacher_target(fmap)
+    assert torch.allclose(target[:, 0].mean(dim=(1, 2)), logits[:, 0], atol=1e-5)
+
+
+def test_the_projection_target_learns_on_the_teacher_side(make_config, teacher_file: Path) -> None:
+    model = _build(make_config, "teacher_student", teacher_file, **{"transfer.teacher_target": "projection"})
+    loss, _ = model.loss(*_batch())
+    loss.backward()
+    assert _has_signal(model.target) and all(p.grad is None for p in model.teacher.parameters())
 
 
 def test_teacher_student_uses_cached_teacher_features(make_config, teacher_file: Path) -> None:
@@ -147,8 +176,8 @@ def test_co_training_updates_both(make_config, teacher_file: Path) -> None:
     assert all(id(p) in trainable for p in model.teacher.parameters())
     loss, _ = model.loss(*_batch())
     loss.backward()
-    for part in (model.cam_net, model.teacher, model.proj_student, model.proj_teacher):
-        assert _has_signal(part), type(part).__name__
+    for part in (model.cam_net, model.teacher, model.proj_student, model.target):
+        assert _has_signal(part), type(part).__name__  # the target's extra channel learns too, as in co-teaching.py
 
 
 @pytest.mark.parametrize(("metric", "level"), valid_pairs())
@@ -159,7 +188,7 @@ def test_every_valid_transfer_pair(make_config, teacher_file: Path, metric: str,
     loss.backward()
     assert _has_signal(model.cam_net)
     if level != "logits":  # the logit level compares logits, not projected maps
-        assert _has_signal(model.proj_student) and _has_signal(model.proj_teacher)
+        assert _has_signal(model.proj_student)
 
 
 # ---------------------------------------------------------------- teacher checkpoints
@@ -214,3 +243,13 @@ def test_load_own_checkpoint_is_strict(make_config, tmp_path: Path, write: str, 
     with pytest.raises(CheckpointError) as err:
         load_own_checkpoint(target, path)
     assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_a_teacher_without_a_linear_classifier_map_is_refused(make_config) -> None:
+    """A ViT teacher classifying from its class token has no map whose mean is its logit."""
+    vit_teacher = {"name": "vit_tiny_patch16_224", "head": "token",
+                   "options": {"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}}  # fmt: skip
+    cfg = make_config(**{"transfer.paradigm": "co_training", "model.teacher": vit_teacher, "cam.method": "gradcam"})
+    with pytest.raises(ConfigError, match=r"classifier_map needs a teacher .*use transfer\.teacher_target: projection"):
+        build_paradigm(cfg)
+    assert build_paradigm(cfg.replace(**{"transfer.teacher_target": "projection"})) is not None

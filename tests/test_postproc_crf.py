@@ -27,11 +27,48 @@ def _scene(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return image, np.clip(cam, 0, 1).astype(np.float32), blob
 
 
+def _core_cam(width: float) -> np.ndarray:
+    """A clean CAM on the blob's core only, min–max normalised (zero far away), as the thesis's are."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    cam = np.exp(-((np.hypot(yy - 32, xx - 30) / width) ** 2))
+    return ((cam - cam.min()) / (cam.max() - cam.min())).astype(np.float32)
+
+
+def test_the_thesis_recipe_grows_an_undercovering_seed_to_the_object():
+    """(1 − cam)^48 makes every pixel with some activation a candidate; the bilateral kernel
+    and the 0.3 decision then keep the bright blob: 0.40 IoU for the seed, 1.0 after."""
+    image, _, blob = _scene()
+    cam = _core_cam(8.0)
+    assert mask_iou(seed_mask(cam), blob) < 0.45
+    assert mask_iou(crf_refine(image, cam, scale=1.0), blob) > 0.95
+    # psa's kernels and argmax with alpha 1 cannot grow it: the background wins
+    assert mask_iou(crf_refine(image, cam, recipe="psa", scale=1.0), blob) < 0.05
+
+
+def test_threshold_and_argmax_decisions_differ_only_in_the_rule():
+    image, _, _ = _scene()
+    cam = _core_cam(8.0)
+    at_03 = crf_refine(image, cam, decision="threshold", fg_threshold=0.3)
+    at_05 = crf_refine(image, cam, decision="threshold", fg_threshold=0.5)
+    assert np.array_equal(at_05, crf_refine(image, cam, decision="argmax"))  # two labels: argmax ⇔ p ≥ 0.5
+    assert at_03.sum() >= at_05.sum()
+
+
+def test_explicit_fields_override_the_recipe():
+    image, cam, _ = _scene()
+    psa = crf_refine(image, cam, recipe="psa")
+    spelled = crf_refine(image, cam, recipe="thesis", alpha=1.0, iters=10, gauss_sxy=3.0, gauss_compat=3.0,
+                         bilateral_sxy=80.0, bilateral_srgb=13.0, bilateral_compat=10.0, decision="argmax")
+    np.testing.assert_array_equal(psa, spelled)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_crf_snaps_a_noisy_cam_to_the_blob(seed):
+    """psa's recipe (argmax, alpha 1) on a blurred, noisy CAM. (The thesis's alpha = 48
+    calls every pixel with noise above ~0.05 smoke: its CAMs have exact zeros, these do not.)"""
     image, cam, blob = _scene(seed)
     image_before, cam_before = image.copy(), cam.copy()
-    mask = crf_refine(image, cam)
+    mask = crf_refine(image, cam, recipe="psa")
     assert mask.shape == (SIZE, SIZE) and mask.dtype == bool
     assert mask_iou(mask, blob) > 0.95
     assert mask_iou(seed_mask(cam), blob) < 0.7
@@ -53,7 +90,7 @@ def test_small_scale_collapses_where_large_scale_keeps_the_object():
     # let the background majority swallow the object, as in the thesis.
     _, cam, blob = _scene()
     flat = np.full((SIZE, SIZE, 3), 128, np.uint8)
-    wide, local = crf_refine(flat, cam, scale=2), crf_refine(flat, cam, scale=16)
+    wide, local = crf_refine(flat, cam, scale=2, recipe="psa"), crf_refine(flat, cam, scale=16, recipe="psa")
     assert wide.sum() < local.sum()
     assert mask_iou(local, blob) > mask_iou(wide, blob)
 

@@ -37,7 +37,7 @@ def test_spec_round_trip_and_key():
     assert [s.name for s in pipeline.specs] == ["crf", "regions"]
     assert pipeline.specs[0] == StepSpec("crf", {"scale": 12})
     assert pipeline.to_spec() == CRF_THEN_REGIONS
-    assert pipeline.key == "crf(scale=12)+regions(backend=superpixel,fusion=copy,rule=iou)"
+    assert pipeline.key == "crf(recipe=thesis,scale=12)+regions(backend=superpixel,fusion=copy,rule=iou)"
     assert repr(pipeline) == f"Pipeline({pipeline.key})"
 
 
@@ -60,8 +60,8 @@ def test_key_ignores_order_and_number_spelling(variant):
     [
         ([], "seed"),
         ([{"step": "threshold", "threshold": 0.25}], "threshold(threshold=0.25)"),
-        ([{"step": "crf"}], "crf()"),
-        ([{"step": "crf", "iters": 5, "alpha": 1.5}], "crf(alpha=1.5,iters=5)"),
+        ([{"step": "crf"}], "crf(recipe=thesis)"),
+        ([{"step": "crf", "iters": 5, "alpha": 1.5}], "crf(alpha=1.5,iters=5,recipe=thesis)"),
         (
             [{"step": "regions", "proposal_params": {"method": "slic", "n_segments": 50}}],
             "regions(superpixel.method=slic,superpixel.n_segments=50)",
@@ -78,7 +78,7 @@ def test_key_table(spec, key):
         ([{"step": "crff"}], r"pipeline\[0\]\.step: unknown refinement step 'crff'.*crf"),
         ([{"scale": 12}], "'step' key naming one of crf, regions, threshold"),
         ({"step": "crf"}, "expected a list of steps"),
-        ([{"step": "crf", "sacle": 12}], r"step 'crf' has no parameter\(s\) sacle; valid: alpha"),
+        ([{"step": "crf", "sacle": 12}], r"step 'crf' has no parameter\(s\) sacle; valid: recipe, scale, alpha"),
         ([{"step": "regions", "iou": 0.3}], "valid: backend, proposal_params, rule, fusion"),
         ([{"step": "crf", "iters": 0}], r"pipeline\[0\] \(crf\): iters"),
         ([{"step": "threshold", "threshold": 2}], "threshold: expected"),

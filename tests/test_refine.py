@@ -29,7 +29,7 @@ from orchestrator.refine import (
     summarise,
 )
 from postproc.pipeline import Pipeline
-from training.config import DataConfig, TrialConfig, save_config
+from training.config import DataConfig, TrialConfig, load_trial_config, save_config
 from training.data import read_mask, scan_test
 from training.errors import ConfigError
 from training.shards import write_shards
@@ -72,8 +72,8 @@ def test_expand_refine_grid_counts(pipelines, count):
 
 def test_expand_refine_grid_example_keys():
     keys = [pipeline_key(s) for s in expand_refine_grid(EXAMPLE)]
-    assert keys[:3] == ["crf(scale=2)", "crf(scale=12)", "crf(scale=16)"]
-    assert keys[5] == "crf(scale=12)+regions(backend=superpixel,fusion=copy)"
+    assert keys[:3] == ["crf(recipe=thesis,scale=2)", "crf(recipe=thesis,scale=12)", "crf(recipe=thesis,scale=16)"]
+    assert keys[5] == "crf(recipe=thesis,scale=12)+regions(backend=superpixel,fusion=copy)"
     assert pipeline_key(CRF) == Pipeline.from_spec(CRF).key and pipeline_key([]) == "seed"
 
 
@@ -119,8 +119,8 @@ def test_select_trials_errors(spec, match):
 
 
 def test_metric_key_uses_mlflow_characters():
-    key = metric_key("crf(scale=12)+regions(backend=superpixel,fusion=copy)")
-    assert key == "crf_scale_12_regions_backend_superpixel_fusion_copy"
+    key = metric_key("crf(recipe=thesis,scale=12)+regions(backend=superpixel,fusion=copy)")
+    assert key == "crf_recipe_thesis_scale_12_regions_backend_superpixel_fusion_copy"
     assert metric_key("x" * 300) != metric_key("x" * 301) and len(metric_key("x" * 300)) <= 200
 
 
@@ -227,6 +227,19 @@ def test_stale_counts_file_is_redone(fanned, tmp_path):
     results = refine_reference(copy)
     assert [r.status for r in results] == ["done", "skipped", "skipped"]
     assert results[0].counter == next(r for r in refine_reference(units) if r.unit.shard == unit.shard).counter
+
+
+def test_seed_and_crf_decision_follow_the_trials_cam_threshold(trials, tmp_path):
+    """A trial scored at cam.threshold 0.5 is refined from the 0.5 seed, not a fixed 0.3."""
+    copies = _copy_trials({"trial-a": trials["trial-a"]}, tmp_path)
+    config = copies["trial-a"] / "config.yaml"
+    save_config(load_trial_config(config).replace(**{"cam.threshold": 0.5}), config)
+    units = make_units(copies, [CRF])
+    assert {u.seed_threshold for u in units} == {0.5}
+    seed = [u for u in units if u.key == "seed"]
+    at_05 = refine_reference(seed)
+    at_03 = refine_reference(make_units({"trial-a": trials["trial-a"]}, [], include_seed=True))
+    assert sum(r.counter.to_dict()["union"] for r in at_05) != sum(r.counter.to_dict()["union"] for r in at_03)
 
 
 def test_truncated_shard_fails_by_name(trials, ray_session, tmp_path):

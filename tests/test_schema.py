@@ -204,7 +204,8 @@ def test_one_threshold_grid_for_metrics_and_the_refinement_oracle() -> None:
 def test_every_step_has_valid_defaults_and_a_key(name: str) -> None:
     step = STEPS.get(name)()
     assert dataclasses.is_dataclass(step) and isinstance(step.starts_from_cam, bool)
-    assert pipeline_key([{"step": name}]) == f"{name}()"
+    always = ",".join(f"{k}={getattr(step, k)}" for k in getattr(step, "key_always", ()))
+    assert pipeline_key([{"step": name}]) == f"{name}({always})"  # only what a step always names
     assert pipeline_uses_gpu([{"step": name}]) is False
 
 

@@ -25,10 +25,26 @@ def build_cam_method(name: str) -> CamFn:
     return CAM_METHODS.get(name, field="cam.method")
 
 
+NORMALISERS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry(
+    "CAM normalisation", names=names.CAM_NORMALISATIONS
+)
+
+
+@NORMALISERS.register("max")
 def normalise(cam: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Per-image max normalisation of a B×h×w non-negative CAM into [0, 1]."""
     peak = cam.flatten(1).amax(dim=1).clamp_min(eps)
     return cam / peak[:, None, None]
+
+
+@NORMALISERS.register("minmax")
+def minmax_normalise(cam: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-image ``(cam − min) / (max − min + eps)`` of a B×h×w non-negative CAM, as the
+    thesis's ``pseudo_label.py`` computes it after the ReLU: a CAM without a zero is
+    stretched to start at 0, where the max normalisation would leave it lifted."""
+    flat = cam.flatten(1)
+    low, high = flat.amin(dim=1)[:, None, None], flat.amax(dim=1)[:, None, None]
+    return (cam - low) / (high - low + eps)
 
 
 @CAM_METHODS.register("weight")
@@ -109,8 +125,9 @@ def scaled_size(size: int, scale: float, multiple: int) -> int:
 def multiscale_cams(
     net: Backbone, images: torch.Tensor, cfg: CamConfig, *, method: CamFn | None = None
 ) -> torch.Tensor:
-    """Multi-scale CAM: at each scale the CAM is resized back, normalised to [0,1],
-    and the scales are averaged (the thesis's scales 0.5, 1, 1.5, 2).
+    """Multi-scale CAM: at each scale the CAM is resized back, normalised to [0,1]
+    (``cam.normalise``), and the scales are averaged without renormalising, as the
+    thesis's ``pseudo_label.py`` does (its scales 0.5, 1, 1.5, 2).
 
     Args:
         net: the network whose CAMs are wanted, in eval mode.
@@ -136,6 +153,7 @@ def multiscale_cams_and_logits(
         (B×H×W float32 CAM in [0, 1], B×K logits).
     """
     method = method or build_cam_method(cfg.method)
+    norm = NORMALISERS.get(cfg.normalise, field="cam.normalise")
     shared = method is weight_cam and not cfg.layers  # the built-in weight CAM can share its forward
     h, w = images.shape[-2:]
     multiple = net.patch[0] if net.is_vit else 1
@@ -151,7 +169,7 @@ def multiscale_cams_and_logits(
             x = images if size == (h, w) else F.interpolate(images, size, mode="bilinear", align_corners=False)
             cam = method(net, x, tuple(cfg.layers)).float()
         cam = F.interpolate(cam[:, None], (h, w), mode="bilinear", align_corners=False)[:, 0]
-        total += normalise(cam)
+        total += norm(F.relu(cam))  # resized, then normalised per scale, then averaged: the thesis's order
     if logits is None:
         logits = net(images)[0]
     return total / len(cfg.scales), logits

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,19 +94,18 @@ def score(camset: CamSet, evalset: EvalSet, threshold: float) -> dict[str, float
 
 @torch.no_grad()
 def quick_eval(
-    net: Backbone, evalset: EvalSet, device: torch.device, *, batch_size: int, threshold: float, num_workers: int = 0,
-    method: str = "weight",
+    net: Backbone, evalset: EvalSet, cam: CamConfig, device: torch.device, *, num_workers: int = 0
 ) -> dict[str, float]:
-    """Cheap per-epoch numbers: accuracy and single-scale mIoU with the trial's CAM method.
+    """Cheap per-epoch numbers: accuracy and single-scale mIoU with the trial's own CAM.
 
-    The weight CAM costs one forward per batch; Grad-CAM adds a backward. Using the trial's
-    method keeps the per-epoch curve (and an ASHA scheduler reading it) on the same CAM as the
-    final metrics.
+    The trial's whole CAM config (method, normalisation, fused layers, threshold) at
+    scale 1 only, so the per-epoch curve, and an ASHA scheduler reading it, measure the
+    CAM the final metrics measure, at a quarter of the scales' cost.
     """
-    cfg = CamConfig(method=method, scales=(1.0,), batch_size=batch_size)
+    cfg = dataclasses.replace(cam, scales=(1.0,))
     camset = extract_cams(net, evalset, cfg, device, num_workers=num_workers)
     smoke = [i for i, g in enumerate(evalset.gts) if g.any()]
-    preds = masks_at([camset.cams[i] for i in smoke], threshold)
+    preds = masks_at([camset.cams[i] for i in smoke], cam.threshold)
     return {
         "test_accuracy": accuracy(camset.logits, camset.labels),
         "test_miou_1x": miou(preds, [evalset.gts[i] for i in smoke]) if smoke else 0.0,

@@ -13,9 +13,12 @@ when a trial builds its paradigm, and the training step calls the result::
 Which names exist, and which pairs are allowed, is the schema's
 (`training.config.names`); the registries here hold the implementations.
 
-Inputs are the projected feature maps ``B×C×H×W`` (same C; the learnable 1×1
-projections live with the models), or ``B×K`` logits for level ``logits``. When
-the spatial sizes differ the teacher map is resized to the student's.
+Inputs are the two maps being aligned, ``B×C×H×W`` with the same C (the student's
+projected features and the teacher's target, `training.paradigms`), or ``B×K`` logits
+for level ``logits``. When the spatial sizes differ the teacher map is resized to the
+student's. Every (metric, level) pair the thesis's code defines computes its formula
+(`training.config.names.THESIS_PAIRS`; ``tests/thesis_reference.py`` is the oracle);
+the variants we added (``mse``, ``channel_matched``, ``gram_flat``) have their own names.
 
 The loss is differentiable w.r.t. both inputs, because co-training updates both
 networks; teacher-student callers detach the teacher themselves.
@@ -75,7 +78,21 @@ def spatial_units(features: Tensor) -> Tensor:
 
 @LEVELS.register("channel")
 def channel_units(features: Tensor) -> Tensor:
-    """Each channel's flattened spatial map.
+    """Each channel's flattened spatial map. The level is all-pairs (`names.LevelInfo`):
+    every student channel is compared with every teacher channel, as the thesis does.
+
+    Args:
+        features: ``B×C×H×W``.
+
+    Returns:
+        ``B×C×(H·W)``.
+    """
+    return features.flatten(2)
+
+
+@LEVELS.register("channel_matched")
+def matched_channel_units(features: Tensor) -> Tensor:
+    """Each channel's flattened spatial map, channel i paired with channel i (ours).
 
     Args:
         features: ``B×C×H×W``.
@@ -99,9 +116,29 @@ def spatial_map_units(features: Tensor) -> Tensor:
     return features.mean(dim=1).flatten(1).unsqueeze(1)
 
 
+def _gram(features: Tensor) -> Tensor:
+    """``G = F·Fᵀ / (H·W)``, B×C×C (the 1/(H·W) leaves every cosine unchanged)."""
+    flat = features.flatten(2)
+    return flat @ flat.transpose(1, 2) / flat.shape[-1]
+
+
 @LEVELS.register("gram")
-def gram_units(features: Tensor) -> Tensor:
-    """The channel correlation matrix ``G = F·Fᵀ / (H·W)`` as one unit.
+def gram_column_units(features: Tensor) -> Tensor:
+    """The columns of the channel Gram matrix as units: the thesis's "inner product"
+    level takes one cosine per column ``G[:, k]``.
+
+    Args:
+        features: ``B×C×H×W``.
+
+    Returns:
+        ``B×C×C``: unit k is column k of G (G is symmetric, so also its row k).
+    """
+    return _gram(features).transpose(1, 2)
+
+
+@LEVELS.register("gram_flat")
+def gram_flat_units(features: Tensor) -> Tensor:
+    """The whole channel Gram matrix as one unit (ours).
 
     Args:
         features: ``B×C×H×W``.
@@ -109,9 +146,7 @@ def gram_units(features: Tensor) -> Tensor:
     Returns:
         ``B×1×(C·C)``, G flattened row-major.
     """
-    flat = features.flatten(2)
-    gram = flat @ flat.transpose(1, 2) / flat.shape[-1]
-    return gram.flatten(1).unsqueeze(1)
+    return _gram(features).flatten(1).unsqueeze(1)
 
 
 @LEVELS.register("logits")
@@ -160,14 +195,30 @@ def l1_distance(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> T
 
 @METRICS.register("l2")
 def l2_distance(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
-    """Mean squared difference over D per unit pair; ``temperature`` is unused.
+    """Euclidean norm ``‖s − t‖₂`` over D per unit pair, as the thesis computes it: not
+    its square, not a mean, so it is √D times an RMS and its gradient has unit length
+    whatever the distance. ``temperature`` is unused.
 
     Args:
         student: units ``B×N×D``.
         teacher: units ``B×N×D``.
 
     Returns:
-        ``B×N``.
+        ``B×N``, ≥ 0.
+    """
+    return torch.linalg.vector_norm(student - teacher, dim=-1)  # its gradient at s = t is 0, not NaN
+
+
+@METRICS.register("mse")
+def mean_squared_distance(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean squared difference over D per unit pair (ours); ``temperature`` is unused.
+
+    Args:
+        student: units ``B×N×D``.
+        teacher: units ``B×N×D``.
+
+    Returns:
+        ``B×N``, ≥ 0.
     """
     return (student - teacher).pow(2).mean(dim=-1)
 
@@ -216,6 +267,7 @@ class TransferLoss:
         units: the level's unit function (a `LEVELS` entry).
         level: the level's name, for error messages.
         on_logits: the level pairs B×K logits rather than B×C×H×W feature maps.
+        all_pairs: compare every student unit with every teacher unit.
         temperature: T for metric ``kl``; unused by the others.
     """
 
@@ -223,6 +275,7 @@ class TransferLoss:
     units: UnitsFn
     level: str
     on_logits: bool
+    all_pairs: bool
     temperature: float
 
     def __call__(self, student: Tensor, teacher: Tensor) -> Tensor:
@@ -230,7 +283,10 @@ class TransferLoss:
         student's H×W when they differ), or ``B×K`` logits when `on_logits`.
         Returns a scalar tensor, differentiable w.r.t. both inputs."""
         teacher = self._paired_teacher(student, teacher)
-        return self.metric(self.units(student), self.units(teacher), self.temperature).mean()
+        s, t = self.units(student), self.units(teacher)
+        if self.all_pairs:  # B×N×1×D against B×1×N×D: every pair, B×N×N values
+            s, t = s.unsqueeze(2), t.unsqueeze(1)
+        return self.metric(s, t, self.temperature).mean()
 
     def _paired_teacher(self, student: Tensor, teacher: Tensor) -> Tensor:
         """Check the shapes and bring the teacher to the student's spatial size."""
@@ -254,9 +310,9 @@ def build_transfer_loss(metric: str, level: str, *, temperature: float = 1.0) ->
     """Resolve a (metric, level) pair once.
 
     Args:
-        metric: a name in ``METRICS`` (``cosine``, ``l1``, ``l2``, ``kl``).
-        level: a name in ``LEVELS`` (``global``, ``spatial``, ``channel``,
-            ``spatial_map``, ``gram``, ``logits``).
+        metric: a name in ``METRICS`` (``cosine``, ``l1``, ``l2``, ``mse``, ``kl``).
+        level: a name in ``LEVELS`` (``global``, ``spatial``, ``channel``, ``channel_matched``,
+            ``spatial_map``, ``gram``, ``gram_flat``, ``logits``).
         temperature: T for metric ``kl`` (loss scaled by T²); > 0.
 
     Raises:
@@ -265,11 +321,13 @@ def build_transfer_loss(metric: str, level: str, *, temperature: float = 1.0) ->
     check_pair(metric, level)
     if not temperature > 0:
         raise ConfigError(f"temperature: must be > 0, got {temperature!r}")
+    info = names.ALIGNMENT_LEVELS.get(level)
     return TransferLoss(
         METRICS.get(metric, field="metric"),
         LEVELS.get(level, field="level"),
         level,
-        names.ALIGNMENT_LEVELS.get(level).on_logits,
+        info.on_logits,
+        info.all_pairs,
         temperature,
     )
 

@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-DEFAULT_THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
+# The thresholds searched for the best single threshold and the per-image oracle: 0, 0.01, …, 1,
+# as the thesis's `find_best_threshold_iou` (`np.linspace(0, 1, 101)`, smoke where cam >= t).
+DEFAULT_THRESHOLDS = np.round(np.linspace(0.0, 1.0, 101), 2)
 
 
 def iou_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:

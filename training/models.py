@@ -1,9 +1,11 @@
 """Backbones through ``timm.create_model`` by name, seen the way CAMs need them.
 
-Every network here is a classifier whose logits are ``linear(mean(F))`` over its
-last feature map ``F`` (B×C×h×w). That makes the classifier-weight CAM exact:
-the spatial mean of ``w·F`` plus the bias is the logit. For ViTs this requires
-``global_pool='avg'`` and ``fc_norm=False``, which `build_net` always sets.
+A CNN here is a classifier whose logits are ``linear(mean(F))`` over its last
+feature map ``F`` (B×C×h×w), which makes the classifier-weight CAM exact: the
+spatial mean of ``w·F`` plus the bias is the logit. A ViT classifies either from
+its class token (``head: token``, timm's and the thesis's choice; Grad-CAM then)
+or, like the CNN, from the mean of its patch tokens (``head: avg``: timm's
+``global_pool='avg'`` with ``fc_norm=False``, and the weight CAM is exact again).
 Whether a name is a ViT is decided once, from its timm family
 (`training.config.names.VIT_FAMILIES` via `NetConfig.is_vit`).
 """
@@ -38,11 +40,12 @@ class Backbone(nn.Module):
         pcm: refine CAMs with the training-free pixel correlation module.
     """
 
-    def __init__(self, net: nn.Module, *, is_vit: bool, pcm: bool = False) -> None:
+    def __init__(self, net: nn.Module, *, is_vit: bool, pcm: bool = False, head: str = "avg") -> None:
         super().__init__()
         self.net = net
         self.pcm = pcm
         self.is_vit = is_vit
+        self.head = head  # "avg" or, for a ViT, "token"
         self.channels_last = False
 
     def use_channels_last(self) -> Backbone:
@@ -64,21 +67,40 @@ class Backbone(nn.Module):
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         """B×3×H×W normalised images → B×C×h×w last features (ViT: patch tokens)."""
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        feats = self.net.forward_features(images)
-        if self.is_vit:
-            feats = tokens_to_map(feats, self.net.num_prefix_tokens, images.shape[-2:], self.patch)
-        return feats
+        feats = self._features(images)
+        return self._patch_map(feats, images) if self.is_vit else feats
 
     def logits_from(self, fmap: torch.Tensor) -> torch.Tensor:
-        """B×C×h×w → B×K logits, as the timm head computes them (avg pool + linear)."""
+        """B×C×h×w → B×K logits, as the head computes them from the mean feature.
+
+        Raises:
+            ConfigError: a ViT that classifies from its class token (no map gives its logits).
+        """
+        if self.head != "avg":
+            raise ConfigError("logits from a feature map need an average-pooled head; this ViT has head: token")
         return self.classifier(fmap.mean(dim=(2, 3)))
+
+    def classifier_map(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The smoke classifier applied at every position: B×C×h×w → B×1×h×w, ``w·F + b``
+        (its spatial mean is the logit when the head averages)."""
+        w, b = self.classifier.weight, self.classifier.bias
+        out = F.conv2d(fmap, w.to(fmap.dtype)[:, :, None, None])
+        return out if b is None else out + b.to(fmap.dtype)[None, :, None, None]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (B×K logits, B×C×h×w feature map)."""
-        fmap = self.feature_map(images)
-        return self.logits_from(fmap), fmap
+        feats = self._features(images)
+        if self.is_vit:  # timm's own head: the class token, or the mean of the patch tokens
+            return self.net.forward_head(feats), self._patch_map(feats, images)
+        return self.logits_from(feats), feats
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net.forward_features(images)
+
+    def _patch_map(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        return tokens_to_map(tokens, self.net.num_prefix_tokens, images.shape[-2:], self.patch)
 
     @property
     def patch(self) -> tuple[int, int]:
@@ -130,7 +152,8 @@ def build_net(cfg: NetConfig, *, image_size: int, num_classes: int = NUM_CLASSES
     kwargs = dict(cfg.options)
     kwargs["num_classes"] = num_classes
     if cfg.is_vit:
-        kwargs.update(global_pool="avg", fc_norm=False, dynamic_img_size=True, img_size=image_size)
+        pool = "avg" if cfg.head == "avg" else "token"
+        kwargs.update(global_pool=pool, fc_norm=False, dynamic_img_size=True, img_size=image_size)
     else:
         kwargs.setdefault("output_stride", cfg.output_stride)
     hub = cfg.pretrained.lower() == "true"
@@ -153,7 +176,7 @@ def build_net(cfg: NetConfig, *, image_size: int, num_classes: int = NUM_CLASSES
         load_weights(net, packaged_weights(cfg.pretrained).path(), is_vit=cfg.is_vit, adapter=map_by_order)
     if cfg.stages:
         keep_stages(net, cfg.stages)
-    return Backbone(net, is_vit=cfg.is_vit, pcm=cfg.pcm)
+    return Backbone(net, is_vit=cfg.is_vit, pcm=cfg.pcm, head=cfg.head)
 
 
 def keep_stages(net: nn.Module, n: int) -> nn.Module:
@@ -286,12 +309,16 @@ def _unwrap(state: object) -> dict[str, torch.Tensor]:
 
 
 class Projection(nn.Module):
-    """Learnable 1×1 conv into the shared transfer space (no bias: a bias alone
-    could make both sides equal constants and the loss trivially zero)."""
+    """Learnable 1×1 conv into the shared transfer space.
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    Without a bias by default: when both sides project (``teacher_target: projection``), a
+    bias alone could make both sides equal constants and the loss trivially zero. Against
+    the thesis's fixed teacher target the student's projection has one, as there.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, bias: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=bias)
         nn.init.normal_(self.conv.weight, std=1.0 / math.sqrt(in_channels))
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:

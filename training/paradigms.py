@@ -1,10 +1,17 @@
 """Training paradigms: which networks learn, and the loss they minimise.
 
 - ``baseline``: one network (the ViT student or the CNN teacher), BCE only.
-- ``teacher_student``: a frozen CNN teacher; the ViT student and both 1×1
-  projections learn ``BCE(student) + λ · L_transfer(student, teacher)``.
+- ``teacher_student``: a frozen CNN teacher; the ViT student and its 1×1
+  projection learn ``BCE(student) + λ · L_transfer(proj(student), target(teacher))``.
 - ``co_training``: both networks from scratch, both updated:
   ``BCE(student) + BCE(teacher) + λ · L_transfer``, gradients flowing both ways.
+
+The teacher's side of the transfer term (``transfer.teacher_target``) is, as in the
+thesis's code, the teacher's own 2-channel classifier map (`ClassifierMapTarget`):
+the smoke classifier applied at every position, plus one extra 1×1 channel that no
+loss trains. Only the student projects. ``projection`` (ours) gives the teacher a
+learnable 1×1 projection too, which in teacher_student lets both projections shrink
+towards each other on fixed features (the L2 loss can reach ~0 that way).
 
 Every paradigm returns its loss terms by name so the orchestrator logs all of them.
 What the rest of the code needs to know about a paradigm (does it need a frozen
@@ -15,15 +22,16 @@ of `training.config.names.PARADIGMS`; the registry here holds the builders.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from training.config import TrialConfig, names
-from training.errors import CheckpointError
+from training.errors import CheckpointError, ConfigError
 from training.losses import build_transfer_loss
-from training.models import Backbone, Projection, build_net, read_state_dict
+from training.models import Backbone, Projection, build_net, pcm_refine, read_state_dict
 from training.registry import Registry
 
 PARADIGMS: Registry = Registry("paradigm", names=names.PARADIGMS)
@@ -68,6 +76,59 @@ class Baseline(Paradigm):
         return loss, {"loss": loss.item(), "loss_cls": loss.item()}
 
 
+class ClassifierMapTarget(nn.Module):
+    """The teacher's classifier map as the thesis's teacher gives it: B×C×h×w features →
+    B×2×h×w, channel 0 the smoke classifier ``w·F + b`` (plus the same of the PCM-refined
+    features when the teacher has ``pcm``), channel 1 an extra 1×1 convolution that no
+    loss trains (the thesis's ``fc8`` has K + 1 outputs and its classifier reads only the
+    first). In co-training the extra channel learns through the transfer term, as there.
+
+    Args:
+        teacher: the teacher backbone; its classifier is used, not copied.
+        seed: initialises the extra channel (the thesis's fc8: Kaiming normal, fan-out).
+    """
+
+    def __init__(self, teacher: Backbone, *, seed: int) -> None:
+        super().__init__()
+        check_classifier_map(teacher)
+        self.pcm = teacher.pcm
+        self.extra = nn.Conv2d(teacher.num_features, 1, kernel_size=1)
+        gen = torch.Generator().manual_seed(seed)
+        fan_in = teacher.num_features
+        with torch.no_grad():  # as the thesis's fc8 (K + 1 = 2 outputs): kaiming_normal_(fan_out), default bias
+            self.extra.weight.copy_(torch.randn(self.extra.weight.shape, generator=gen) * math.sqrt(2.0 / 2))
+            self.extra.bias.copy_((torch.rand(1, generator=gen) * 2 - 1) / math.sqrt(fan_in))
+
+    def forward(self, teacher: Backbone, fmap: torch.Tensor) -> torch.Tensor:
+        target = torch.cat([teacher.classifier_map(fmap), self.extra(fmap)], dim=1)
+        if self.pcm:  # fc8(conv6) + fc8(PCM(conv6)): PCM mixes positions linearly, so it commutes with fc8
+            refined = [pcm_refine(target[:, k], fmap) for k in range(target.shape[1])]
+            target = target + torch.stack(refined, dim=1)
+        return target
+
+
+def check_classifier_map(teacher: Backbone, *, side: int = 64) -> None:
+    """Refuse a teacher whose classifier is not linear over its last feature map (a norm or an
+    MLP between pooling and the classifier, a ViT classifying from its class token): the mean
+    of its "classifier map" would not be its logit, so the thesis's target would not exist.
+
+    Raises:
+        ConfigError: naming the teacher and the fix.
+    """
+    was_training = teacher.training
+    probe = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        teacher.eval()
+        logits, fmap = teacher(probe)
+        teacher.train(was_training)
+    if not torch.allclose(teacher.classifier_map(fmap).mean(dim=(2, 3)), logits, rtol=1e-4, atol=1e-4):
+        raise ConfigError(
+            f"transfer.teacher_target: classifier_map needs a teacher whose logit is the linear classifier of "
+            f"its mean feature (a ResNet or EfficientNet, a ViT with head: avg); {type(teacher.net).__name__} "
+            "is not one; use transfer.teacher_target: projection"
+        )
+
+
 class _Transfer(Paradigm):
     """Shared parts of the two two-network paradigms."""
 
@@ -79,23 +140,35 @@ class _Transfer(Paradigm):
         self.cam_net = student
         self.teacher = teacher
         k = cfg.model.proj_channels
-        self.proj_student = Projection(student.num_features, k)
-        self.proj_teacher = Projection(teacher.num_features, k)
+        if t.target_info.teacher_projection:  # ours: both sides project, no bias (see Projection)
+            self.proj_student = Projection(student.num_features, k)
+            self.target = Projection(teacher.num_features, k)
+        else:  # the thesis: the student's `vit_proj = Conv2d(embed_dim, 2, 1)`, a bias included
+            self.proj_student = Projection(student.num_features, k, bias=True)
+            self.target = ClassifierMapTarget(teacher, seed=cfg.train.seed)
+
+    def teacher_target(self, t_map: torch.Tensor) -> torch.Tensor:
+        """B×C_t×h×w teacher features → the B×K×h×w map the student is aligned with."""
+        if isinstance(self.target, ClassifierMapTarget):
+            return self.target(self.teacher, t_map)
+        return self.target(t_map)
 
     def transfer(self, s_logits, s_map, t_logits, t_map) -> torch.Tensor:
         if self.transfer_loss.on_logits:
             return self.transfer_loss(s_logits, t_logits)
-        return self.transfer_loss(self.proj_student(s_map), self.proj_teacher(t_map))
+        return self.transfer_loss(self.proj_student(s_map), self.teacher_target(t_map))
 
 
 class TeacherStudent(_Transfer):
-    """The teacher is frozen (eval mode, no gradients); only the student and the
-    projections learn."""
+    """The teacher and its target are frozen (eval mode, no gradients); only the student
+    and its projection learn."""
 
     def __init__(self, cfg: TrialConfig, student: Backbone, teacher: Backbone) -> None:
         super().__init__(cfg, student, teacher)
-        teacher.requires_grad_(False)
-        teacher.eval()
+        frozen = [teacher] + ([] if cfg.transfer.target_info.teacher_projection else [self.target])
+        for module in frozen:
+            module.requires_grad_(False)
+            module.eval()
 
     def train(self, mode: bool = True) -> TeacherStudent:
         super().train(mode)

@@ -189,15 +189,9 @@ def run_trial(
     for epoch in range(done, cfg.train.epochs):
         loader = epoch_loader(train_set, cfg.train, epoch, **loader_opts)
         metrics = train_epoch(model, loader, opt, sched, cfg.train, device, epoch=epoch, teacher_features=features)
-        metrics |= quick_eval(
-            model.cam_net, evalset, device, batch_size=cfg.cam.batch_size, threshold=cfg.cam.threshold,
-            num_workers=workers, method=cfg.cam.method,
-        )  # fmt: skip
+        metrics |= quick_eval(model.cam_net, evalset, cfg.cam, device, num_workers=workers)
         if val is not None:
-            metrics |= quick_validation(
-                model.cam_net, val, device, batch_size=cfg.cam.batch_size, threshold=cfg.cam.threshold,
-                method=cfg.cam.method,
-            )  # fmt: skip
+            metrics |= quick_validation(model.cam_net, val, cfg.cam, device)
         metrics["epoch"] = epoch + 1
         ckpt = save_state(out / "checkpoint", model, opt, sched, epoch + 1)
         tracker.log_metrics(metrics, step=epoch + 1)

@@ -153,14 +153,13 @@ def _unscored_part(net: Backbone, val: Validation, device, batch_size: int) -> l
     return [(accuracy(logits, val.unscored.labels), len(val.unscored))]
 
 
-def quick_validation(
-    net: Backbone, val: Validation, device: torch.device, *, batch_size: int, threshold: float, method: str
-) -> dict[str, float]:
+def quick_validation(net: Backbone, val: Validation, cam: CamConfig, device: torch.device) -> dict[str, float]:
     """Per-epoch numbers on the validation split: ``val_accuracy`` (every held-out image)
-    and, where masks exist, ``val_miou_1x`` (single-scale CAMs, the trial's CAM method)."""
+    and, where masks exist, ``val_miou_1x`` (single-scale CAMs, the trial's CAM config)."""
+    batch_size = cam.batch_size
     out, parts = {}, []
     if val.scored is not None:
-        quick = quick_eval(net, val.scored, device, batch_size=batch_size, threshold=threshold, method=method)
+        quick = quick_eval(net, val.scored, cam, device)
         if _has_smoke(val.scored):
             out["val_miou_1x"] = quick["test_miou_1x"]
         parts.append((quick["test_accuracy"], len(val.scored.dataset)))

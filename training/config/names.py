@@ -73,25 +73,34 @@ class LevelInfo:
 
     Attributes:
         summary: the units, with shapes.
-        on_logits: the level pairs B×K logits instead of projected B×C×H×W maps.
+        on_logits: the level pairs B×K logits instead of B×C×H×W maps.
+        all_pairs: every student unit is compared with every teacher unit (B×N_s×N_t
+            values), not unit i with unit i.
     """
 
     summary: str
     on_logits: bool = False
+    all_pairs: bool = False
 
 
+# The metrics and levels the thesis's code defines keep its names and formulas
+# (`compute_similarity` in its lib/utils/metrics.py); variants of our own have their own names.
 TRANSFER_METRICS: Registry[str] = Registry.of("transfer metric", {
     "cosine": "1 − cos(s, t) per unit pair",
     "l1": "mean absolute difference per unit pair",
-    "l2": "mean squared difference per unit pair",
-    "kl": "T² · KL(softmax(t/T) ‖ softmax(s/T)) per unit pair",
+    "l2": "Euclidean norm ‖s − t‖₂ of each unit pair (the thesis: a norm, not its square)",
+    "mse": "mean squared difference per unit pair (ours; what `l2` computed before it followed the thesis)",
+    "kl": "T² · KL(softmax(t/T) ‖ softmax(s/T)) per unit pair; one logit: Bernoulli KL of σ(x/T) (ours)",
 })  # fmt: skip
 ALIGNMENT_LEVELS: Registry[LevelInfo] = Registry.of("alignment level", {
     "global": LevelInfo("each sample's whole map as one unit, B×1×(C·H·W)"),
     "spatial": LevelInfo("the channel vector at every position, B×(H·W)×C"),
-    "channel": LevelInfo("each channel's flattened map, B×C×(H·W)"),
+    "channel": LevelInfo("each channel's flattened map, B×C×(H·W), every student channel against every "
+                         "teacher channel (the thesis)", all_pairs=True),
+    "channel_matched": LevelInfo("each channel's flattened map, B×C×(H·W), channel i against channel i (ours)"),
     "spatial_map": LevelInfo("the channel-mean map as one unit, B×1×(H·W)"),
-    "gram": LevelInfo("the channel Gram matrix F·Fᵀ/(H·W) as one unit, B×1×(C·C)"),
+    "gram": LevelInfo("each column of the channel Gram matrix F·Fᵀ/(H·W) as a unit, B×C×C (the thesis)"),
+    "gram_flat": LevelInfo("the channel Gram matrix F·Fᵀ/(H·W) flattened to one unit, B×1×(C·C) (ours)"),
     "logits": LevelInfo("the logit vector as one unit, B×1×K", on_logits=True),
 })  # fmt: skip
 
@@ -99,17 +108,68 @@ ALIGNMENT_LEVELS: Registry[LevelInfo] = Registry.of("alignment level", {
 INVALID_PAIRS: dict[tuple[str, str], str] = {
     ("cosine", "logits"): (
         "the cosine of two 1-element logit vectors is only their sign agreement "
-        "(±1); use metric=kl, l1 or l2 for level=logits"
+        "(±1, no gradient); use metric=kl, l1 or l2 for level=logits"
     ),
     **{
         (metric, level): (
             f"an elementwise mean over level={level} units is the same number as "
             f"at level=global, which only regroups the same elements; use level=global"
         )
-        for metric in ("l1", "l2")
-        for level in ("spatial", "channel")
+        for metric in ("l1", "mse")
+        for level in ("spatial", "channel_matched")
     },
 }
+
+# Every pair the thesis's code computes, with where (file: branch). The rest are ours: they run,
+# and `wsss validate --list` marks them, but no thesis number exists to compare them with.
+THESIS_PAIRS: dict[tuple[str, str], str] = {
+    ("cosine", "global"): "metrics.py: cosine, global",
+    ("cosine", "spatial"): "metrics.py: cosine, spatial",
+    ("cosine", "channel"): "metrics.py: cosine, channel (all C_s×C_t pairs)",
+    ("cosine", "spatial_map"): "metrics.py: spatial_map, cosine",
+    ("l1", "spatial_map"): "metrics.py: spatial_map, l1",
+    ("l2", "spatial_map"): "metrics.py: spatial_map, l2",
+    ("cosine", "gram"): "metrics.py: inner, channel (cosine per Gram column)",
+    ("l1", "global"): "metrics.py: l1, global",
+    ("l2", "global"): "metrics.py: l2, global",
+    ("l1", "logits"): "metrics.py: logits, l1",
+    ("l2", "logits"): "metrics.py: logits, l2",
+}
+
+
+def pair_origin(metric: str, level: str) -> str:
+    """``thesis`` for a pair the thesis's code computes, else ``ours``."""
+    return "thesis" if (metric, level) in THESIS_PAIRS else "ours"
+
+
+@dataclass(frozen=True)
+class TeacherTargetInfo:
+    """What a two-network paradigm compares the student's projected features with.
+
+    Attributes:
+        summary: one line.
+        teacher_projection: the teacher side gets a learnable 1×1 projection too.
+        fixed_channels: the target's channel count when it is fixed (the student
+            projection must match: ``model.proj_channels``); 0 = any.
+    """
+
+    summary: str
+    teacher_projection: bool
+    fixed_channels: int
+
+
+TEACHER_TARGETS: Registry[TeacherTargetInfo] = Registry.of("teacher target", {
+    "classifier_map": TeacherTargetInfo(
+        "the teacher's 2-channel classifier map, as the thesis: its smoke classifier applied at every "
+        "position (w·F + b, plus the same through PCM when pcm: true) and one extra 1×1 channel that no "
+        "loss trains; frozen in teacher_student, learning with the teacher in co_training",
+        teacher_projection=False, fixed_channels=2,
+    ),
+    "projection": TeacherTargetInfo(
+        "a learnable 1×1 projection of the teacher's last features, like the student's (ours)",
+        teacher_projection=True, fixed_channels=0,
+    ),
+})  # fmt: skip
 
 
 def check_pair(metric: str, level: str, *, path: str = "") -> None:
@@ -143,15 +203,34 @@ def valid_pairs() -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class CamMethodInfo:
-    """A CAM method. ``layer_fusion``: it can fuse the CAMs of several ViT blocks (``cam.layers``)."""
+    """A CAM method.
+
+    Attributes:
+        summary: one line.
+        layer_fusion: it can fuse the CAMs of several ViT blocks (``cam.layers``).
+        needs_avg_head: it reads the classifier weights off the feature map, which is exact
+            only when the logit is the linear head of the mean feature (a ViT with ``head: avg``).
+    """
 
     summary: str
     layer_fusion: bool
+    needs_avg_head: bool
 
 
 CAM_METHODS: Registry[CamMethodInfo] = Registry.of("CAM method", {
-    "weight": CamMethodInfo("relu(Σ_c w_c·F_c) with the classifier weights", layer_fusion=True),
-    "gradcam": CamMethodInfo("Grad-CAM of the smoke logit (ViT: the last block's norm1)", layer_fusion=False),
+    "weight": CamMethodInfo("relu(Σ_c w_c·F_c) with the classifier weights", layer_fusion=True,
+                            needs_avg_head=True),
+    "gradcam": CamMethodInfo("Grad-CAM of the smoke logit (ViT: the last block's norm1)", layer_fusion=False,
+                             needs_avg_head=False),
+})  # fmt: skip
+
+CAM_NORMALISATIONS: Registry[str] = Registry.of("CAM normalisation", {
+    "minmax": "(cam − min) / (max − min) per image and scale, after the ReLU (the thesis)",
+    "max": "cam / max per image and scale (ours; the same where a CAM has a zero)",
+})  # fmt: skip
+VIT_HEADS: Registry[str] = Registry.of("ViT classifier head", {
+    "token": "the class token, as timm's ViTs and the thesis classify (Grad-CAM only)",
+    "avg": "the mean of the patch tokens: the classifier-weight CAM is then exact (ours)",
 })  # fmt: skip
 
 # timm name prefixes of the vision transformers (patch embedding + blocks of tokens).

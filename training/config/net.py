@@ -20,6 +20,7 @@ class NetConfig:
     pcm: bool = False  # CNNs only: refine CAMs with the pixel correlation module
     options: dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs
     stages: int = 0  # EfficientNet-style CNNs: keep the first N stages, CAM read there (training.models); 0 = all
+    head: str = "avg"  # ViTs only, a names.VIT_HEADS name: "token" (the thesis, timm's own) or "avg"
 
     @property
     def is_vit(self) -> bool:
@@ -32,3 +33,7 @@ class NetConfig:
         one_of(self.output_stride, (8, 16, 32), f"{path}.output_stride")
         at_least(self.stages, 0, f"{path}.stages")
         names.check_pretrained(self.pretrained, self.name, field=f"{path}.pretrained")
+        names.VIT_HEADS.check(self.head, field=f"{path}.head")
+        if self.head != "avg" and not self.is_vit:
+            raise ConfigError(f"{path}.head: {self.head!r} needs a ViT (a class token); {self.name} is a CNN, "
+                              "whose head is always the mean of its last features; remove the key")

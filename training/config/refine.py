@@ -113,28 +113,81 @@ class ThresholdStep:
         check_range("threshold", self.threshold, low=0.0, high=1.0)
 
 
+@dataclass(frozen=True)
+class CrfRecipe:
+    """The unary exponent, kernels, iterations and decision rule of one dense-CRF recipe."""
+
+    alpha: float  # exponent on the background probability (1 − cam)^alpha
+    iters: int
+    gauss_sxy: float
+    gauss_compat: float
+    bilateral_sxy: float
+    bilateral_srgb: float
+    bilateral_compat: float
+    decision: str  # "threshold": foreground probability ≥ fg_threshold; "argmax": the likelier label
+    source: str
+
+
+CRF_RECIPES: Registry[CrfRecipe] = Registry.of("CRF recipe", {
+    "thesis": CrfRecipe(
+        alpha=48.0, iters=5, gauss_sxy=3.0, gauss_compat=5.0, bilateral_sxy=60.0, bilateral_srgb=5.0,
+        bilateral_compat=15.0, decision="threshold",
+        source="the thesis's post_processing/CRF.py: p = [(1−cam)^48, cam], kernels 3/5 and 60/5/15, 5 iterations, "
+               "smoke where the refined foreground probability ≥ the CAM threshold",
+    ),
+    "psa": CrfRecipe(
+        alpha=1.0, iters=10, gauss_sxy=3.0, gauss_compat=3.0, bilateral_sxy=80.0, bilateral_srgb=13.0,
+        bilateral_compat=10.0, decision="argmax",
+        source="the psa/IRN kernels 3/3 and 80/13/10, 10 iterations, argmax (this project's CRF before)",
+    ),
+})  # fmt: skip
+CRF_DECISIONS = ("threshold", "argmax")
+
+
 @STEPS.register("crf")
 @dataclass(frozen=True)
 class CrfStep:
-    """image, cam → dense-CRF mask (`postproc.crf.crf_refine`); spatial deviations are divided by ``scale``."""
+    """image, cam → dense-CRF mask (`postproc.crf.crf_refine`); spatial deviations are divided by ``scale``.
+
+    ``recipe`` gives every kernel value, the unary's exponent, the iterations and the
+    decision rule; a field set explicitly overrides the recipe's value (None = the recipe's).
+    """
 
     starts_from_cam: ClassVar[bool] = True
     uses_gpu: ClassVar[bool] = False
-    alpha: float = 1.0  # exponent on the background probability (1 − cam)^alpha, > 0
+    key_always: ClassVar[tuple[str, ...]] = ("recipe",)  # refinement results name the recipe they used
+    recipe: str = "thesis"  # a name in CRF_RECIPES
     scale: float = 12.0  # the thesis's scale factor: 12–16 best, 2 collapsed; > 0
-    iters: int = 10  # mean-field iterations, ≥ 1
-    gauss_sxy: float = 3.0  # smoothness kernel: spatial deviation before scaling, px
-    gauss_compat: float = 3.0  # smoothness kernel weight, ≥ 0
-    bilateral_sxy: float = 80.0  # appearance kernel: spatial deviation before scaling, px
-    bilateral_srgb: float = 13.0  # appearance kernel: colour deviation, 0–255 units
-    bilateral_compat: float = 10.0  # appearance kernel weight, ≥ 0
+    alpha: float | None = None  # exponent on the background probability (1 − cam)^alpha, > 0
+    iters: int | None = None  # mean-field iterations, ≥ 1
+    gauss_sxy: float | None = None  # smoothness kernel: spatial deviation before scaling, px
+    gauss_compat: float | None = None  # smoothness kernel weight, ≥ 0
+    bilateral_sxy: float | None = None  # appearance kernel: spatial deviation before scaling, px
+    bilateral_srgb: float | None = None  # appearance kernel: colour deviation, 0–255 units
+    bilateral_compat: float | None = None  # appearance kernel weight, ≥ 0
+    decision: str | None = None  # threshold | argmax
+    fg_threshold: float | None = None  # decision threshold: None = the trial's cam.threshold (the seed's)
 
     def __post_init__(self) -> None:
-        check_int("iters", self.iters, low=1, what="mean-field iterations")
+        CRF_RECIPES.check(self.recipe, field="recipe")
+        r = self.resolved()
+        check_int("iters", r["iters"], low=1, what="mean-field iterations")
         for name in ("alpha", "scale", "gauss_sxy", "bilateral_sxy", "bilateral_srgb"):
-            check_range(name, getattr(self, name), low=0.0, low_open=True)
-        check_range("gauss_compat", self.gauss_compat, low=0.0)
-        check_range("bilateral_compat", self.bilateral_compat, low=0.0)
+            check_range(name, r[name], low=0.0, low_open=True)
+        check_range("gauss_compat", r["gauss_compat"], low=0.0)
+        check_range("bilateral_compat", r["bilateral_compat"], low=0.0)
+        if r["decision"] not in CRF_DECISIONS:
+            raise ConfigError(f"decision: expected one of {', '.join(CRF_DECISIONS)}, got {r['decision']!r}")
+        if self.fg_threshold is not None:
+            check_range("fg_threshold", self.fg_threshold, low=0.0, high=1.0)
+
+    def resolved(self) -> dict[str, Any]:
+        """Every parameter of `postproc.crf.crf_refine` except ``fg_threshold``: the recipe's
+        values with the explicitly set fields on top."""
+        recipe = dataclasses.asdict(CRF_RECIPES.get(self.recipe, field="recipe"))
+        del recipe["source"]
+        given = {k: v for k, v in shallow_fields(self).items() if v is not None and k in recipe}
+        return recipe | given | {"scale": self.scale}
 
 
 @STEPS.register("regions")
@@ -263,10 +316,13 @@ class StepSpec:
 
     @property
     def key(self) -> str:
-        """Stable short name, e.g. ``crf(scale=12)``: explicit parameters, sorted."""
+        """Stable short name, e.g. ``crf(recipe=thesis,scale=12)``: the explicit parameters and
+        those a step always names (``key_always``), sorted."""
+        cls = STEPS.get(self.name) if self.name in STEPS else None
+        params = {name: getattr(cls, name) for name in getattr(cls, "key_always", ())} | self.params
         parts = []
-        for name in sorted(self.params):
-            value = self.params[name]
+        for name in sorted(params):
+            value = params[name]
             if isinstance(value, Mapping):
                 prefix = self.params.get("backend", RegionsStep.backend)
                 parts += [f"{prefix}.{k}={_format_value(k, value[k])}" for k in sorted(value) if k not in _NOT_IN_KEY]

@@ -62,6 +62,7 @@ class TransferConfig:
     temperature: float = 1.0  # kl only
     baseline_network: str = "student"  # baseline only: "student" (ViT) or "teacher" (CNN)
     teacher_checkpoint: str = ""  # teacher_student: frozen teacher; "" = train one first
+    teacher_target: str = "classifier_map"  # a names.TEACHER_TARGETS name: what the student is aligned with
 
     @property
     def paradigm_info(self) -> names.ParadigmInfo:
@@ -81,6 +82,11 @@ class TransferConfig:
         if not self.temperature > 0:
             raise ConfigError(f"{path}.temperature: expected > 0, got {self.temperature}")
         one_of(self.baseline_network, names.NETWORKS, f"{path}.baseline_network")
+        names.TEACHER_TARGETS.check(self.teacher_target, field=f"{path}.teacher_target")
+
+    @property
+    def target_info(self) -> names.TeacherTargetInfo:
+        return names.TEACHER_TARGETS.get(self.teacher_target, field="transfer.teacher_target")
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class CamConfig:
     method: str = "weight"  # a name in names.CAM_METHODS
+    normalise: str = "minmax"  # a name in names.CAM_NORMALISATIONS, per image and scale (the thesis: minmax)
     scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
     threshold: float = 0.3
     layers: tuple[int, ...] = ()  # blocks to fuse, e.g. (-5, -4, -2, -1); () = last features
@@ -127,6 +134,7 @@ class CamConfig:
 
     def check(self, path: str) -> None:
         names.CAM_METHODS.check(self.method, field=f"{path}.method")
+        names.CAM_NORMALISATIONS.check(self.normalise, field=f"{path}.normalise")
         if not self.scales:
             raise ConfigError(f"{path}.scales: expected at least one scale, got []")
         if min(self.scales) <= 0:
@@ -160,6 +168,17 @@ class TrialConfig:
 
     def check(self) -> None:
         """Rules across sections, decided from the name tables' facts (nothing is built)."""
+        self._check_cam_network()
+        self._check_teacher_target()
+
+    def _check_cam_network(self) -> None:
+        net, role = self.cam_net, self.transfer.cam_network
+        if names.CAM_METHODS.get(self.cam.method).needs_avg_head and net.is_vit and net.head != "avg":
+            raise ConfigError(
+                f"cam.method: {self.cam.method!r} reads the classifier weights off the patch tokens, which is "
+                f"the logit only with an average-pooled head, but model.{role}.head is {net.head!r}; use "
+                f"cam.method: gradcam (the thesis's ViT CAM) or model.{role}.head: avg"
+            )
         layers = list(self.cam.layers)
         if layers and not names.CAM_METHODS.get(self.cam.method).layer_fusion:
             fusing = ", ".join(m for m in names.CAM_METHODS if names.CAM_METHODS.get(m).layer_fusion)
@@ -168,6 +187,18 @@ class TrialConfig:
             raise ConfigError(
                 f"cam.layers: layer fusion needs a ViT (equal widths per block); got {layers} with the CNN "
                 f"model.{self.transfer.cam_network} ({self.cam_net.name})"
+            )
+
+    def _check_teacher_target(self) -> None:
+        t = self.transfer
+        if not t.paradigm_info.transfer or names.ALIGNMENT_LEVELS.get(t.level).on_logits:
+            return
+        channels = t.target_info.fixed_channels
+        if channels and self.model.proj_channels != channels:
+            raise ConfigError(
+                f"model.proj_channels: transfer.teacher_target {t.teacher_target!r} has {channels} channels, so "
+                f"the student's projection needs {channels}, got {self.model.proj_channels}; set "
+                f"model.proj_channels: {channels} or transfer.teacher_target: projection"
             )
 
     def to_dict(self) -> dict[str, Any]:
