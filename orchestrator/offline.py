@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.tracking import TRIAL_TAG, MlflowTracker, SweepTracking
-from training.shards import atomic_write_text
+from training.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 

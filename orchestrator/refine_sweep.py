@@ -16,7 +16,7 @@ from orchestrator.refine import log_refinement, make_units, refine_units, select
 from orchestrator.tracking import SweepTracking
 from training.config.sweep import RefineSection
 from training.errors import ConfigError
-from training.shards import atomic_write_text
+from training.atomic import atomic_write_text
 
 MARKER = "refine.json"
 

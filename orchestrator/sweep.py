@@ -30,7 +30,7 @@ from orchestrator.tracking import SweepTracking, check_reachable, flatten
 from training.config import TrialConfig, from_dict
 from training.errors import ConfigError, TrainingDiverged
 from training.pretrain import resolve_pretrained
-from training.shards import atomic_write_text
+from training.atomic import atomic_write_text
 from training.trial import cache_root, ensure_teacher, prepare_data, run_trial
 
 EXPERIMENT = "wsss-sweeps"

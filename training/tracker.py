@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
+from training.trial_dir import TrialDir
+
 
 class Tracker(Protocol):
     """What a trial reports: flat params once, metrics per step, files, tags."""
@@ -59,7 +61,7 @@ class ConsoleTracker:
 
     def __init__(self, out_dir: Path | None = None, *, stream=sys.stdout) -> None:
         self.stream = stream
-        self.path = Path(out_dir) / "events.jsonl" if out_dir else None
+        self.path = TrialDir(out_dir).events if out_dir else None
 
     def _write(self, event: dict[str, Any]) -> None:
         if self.path is not None:
