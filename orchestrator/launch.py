@@ -130,10 +130,10 @@ def _outcome(space: SearchSpace, name: str, root: Path, ctx: sw.SweepContext) ->
         sw.sync(root, tracking)
         outcome.tables = sw.publish_tables(space, root, tracking)
         if outcome.complete:
-            tracking.finish(tracking.parent_run_id, "FINISHED")
+            tracking.parent.set_status("FINISHED")
         elif len(finished) + len(failed) == total:
-            tracking.tracker(tracking.parent_run_id).set_tags({"wsss.failed_trials": ",".join(failed)})
-            tracking.finish(tracking.parent_run_id, "FAILED")
+            tracking.parent.set_tags({"wsss.failed_trials": ",".join(failed)})
+            tracking.parent.set_status("FAILED")
     except tracking_errors() as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise TrackingUnavailable(

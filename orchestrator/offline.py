@@ -64,6 +64,13 @@ class JournalingTracker:
         if self.offline is None:
             self._try(lambda: self.tracker.set_status(status))
 
+    def list_artifacts(self, artifact_path: str | None = None) -> list[str]:
+        """What the run holds in MLflow; nothing while offline (the journal only records writes)."""
+        listed: list[str] = []
+        if self.offline is None:
+            self._try(lambda: listed.extend(self.tracker.list_artifacts(artifact_path)))
+        return listed
+
     def _call(self, name: str, **args: Any) -> None:
         if self.offline is None and self._try(lambda: getattr(self.tracker, name)(**args)):
             return

@@ -14,9 +14,9 @@ from pathlib import Path
 from orchestrator import sweep as sw
 from orchestrator.refine import log_refinement, make_units, refine_units, select_trials, summarise
 from orchestrator.tracking import SweepTracking
+from training.atomic import atomic_write_text
 from training.config.sweep import RefineSection
 from training.errors import ConfigError
-from training.atomic import atomic_write_text
 
 MARKER = "refine.json"
 
@@ -57,7 +57,7 @@ def refine_sweep(
     nodes = {str(r.unit): r.node for r in results if r.node}
     if nodes:
         spread = Counter(nodes.values())
-        tracking.tracker(tracking.parent_run_id).set_tags(
+        tracking.parent.set_tags(
             {"wsss.refine_nodes": ", ".join(f"{node[:12]}: {n} units" for node, n in spread.most_common())}
         )
     marker = {"section": dict(section.raw), "trials": chosen, "tables": tables, "nodes": nodes}

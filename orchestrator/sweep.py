@@ -27,10 +27,10 @@ import yaml
 from orchestrator.offline import JOURNAL, JournalingTracker, sync_trials
 from orchestrator.space import SearchSpace, TrialSpec, arm, check_checkpoints, expand
 from orchestrator.tracking import SweepTracking, check_reachable, flatten
+from training.atomic import atomic_write_text
 from training.config import TrialConfig, from_dict
 from training.errors import ConfigError, TrainingDiverged
 from training.pretrain import resolve_pretrained
-from training.atomic import atomic_write_text
 from training.trial import cache_root, ensure_teacher, prepare_data, run_trial
 
 EXPERIMENT = "wsss-sweeps"
@@ -309,7 +309,7 @@ def publish_tables(space: SearchSpace, root: Path, tracking: SweepTracking) -> d
     from orchestrator.tables import log_tables
 
     rows = result_rows(root)
-    return log_tables(tracking, rows, list(space.tables)) if rows else {}
+    return log_tables(tracking.parent, rows, list(space.tables)) if rows else {}
 
 
 def mark_done(root: Path, outcome: SweepOutcome) -> None:
