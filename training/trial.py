@@ -253,7 +253,7 @@ def finish_trial(
     out.write_metrics(metrics)
     tracker.log_metrics(metrics, step=cfg.train.epochs)
     for path in save_gallery(camset, evalset, out.gallery, cfg.cam.gallery):
-        tracker.log_artifact(path, "gallery")
+        tracker.log_artifact(path, out.gallery.name)  # the run mirrors the folder: gallery/
     tracker.log_artifact(out.config, None)
     tracker.log_artifact(out.metrics, None)
     return metrics
