@@ -21,8 +21,9 @@ from typing import Any
 from training.config.sweep import Resources
 from training.errors import ConfigError, WsssError
 
-# Passed on to trials: the test seam (`trainable.HOOKS_ENV`) and how long MLflow retries a dead server.
-PASSED_ENV = ("WSSS_TRIAL_HOOKS", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+HOOKS_ENV = "WSSS_TRIAL_HOOKS"  # the test seam each trial reads (`trainable.load_trial_hooks`); unset in use
+# Passed on to trials: the test seam, and how long MLflow retries a dead server.
+PASSED_ENV = (HOOKS_ENV, "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 
 
 class ClusterError(WsssError):
@@ -57,10 +58,9 @@ class RaySession:
         return self
 
     def nodes(self) -> list[dict[str, Any]]:
-        """The cluster's live nodes, as ``ray.nodes()`` describes them (starts Ray)."""
+        """The cluster's live nodes, as ``ray.nodes()`` describes them (after `start`)."""
         import ray
 
-        self.start()
         return [n for n in ray.nodes() if n.get("Alive")]
 
     def __exit__(self, *exc) -> None:

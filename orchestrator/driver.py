@@ -81,8 +81,8 @@ def run_sweep(
     with RaySession(address, num_cpus) as ray:
         try:
             pending = not sweep.status().settled  # diverged trials are not retried: they would diverge again
-            if pending:
-                check_cluster(ray.nodes(), space.resources, storage_is_shared=storage_is_shared)  # before training
+            if pending:  # Ray, and the cluster checked, before any training (teachers train in prepare)
+                check_cluster(ray.start().nodes(), space.resources, storage_is_shared=storage_is_shared)
             prepared = prepare(space, name, sweep, tracking_uri, trials)
             if pending:
                 run_trials(space, prepared.trials, prepared.context)

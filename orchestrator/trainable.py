@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.cluster import HOOKS_ENV
 from orchestrator.offline import JournalingTracker
 from orchestrator.sweep_dir import SweepDir
 from orchestrator.tracking import MlflowTracker, SweepTracking
@@ -26,8 +27,6 @@ from training.config import TrialConfig, from_dict
 from training.errors import ConfigError, TrainingDiverged, WsssError
 from training.trial import run_trial
 from training.trial_dir import TrialDir
-
-HOOKS_ENV = "WSSS_TRIAL_HOOKS"
 
 
 @dataclass(frozen=True)
