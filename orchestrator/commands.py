@@ -54,7 +54,7 @@ def add_sweep_commands(sub) -> None:
 
 def add_services_commands(sub) -> None:
     """``wsss services up|down|status|screenshot``: a local Ray head and MLflow server on 127.0.0.1."""
-    from orchestrator.services import Ports
+    from orchestrator.services import UP_TIMEOUT_S, Ports
 
     d = Ports()
     svc = sub.add_parser("services", help="start/stop a local Ray head (Jobs API) and MLflow server on 127.0.0.1")
@@ -67,6 +67,8 @@ def add_services_commands(sub) -> None:
     up.add_argument("--mlflow-port", type=int, default=d.mlflow, help=f"MLflow server (default {d.mlflow})")
     up.add_argument("--num-cpus", type=int, help="CPUs the Ray head offers (default: all)")
     up.add_argument("--mlflow-store", type=Path, help="sqlite database + artifacts folder (default: DIR/mlflow)")
+    up.add_argument("--timeout", type=float, default=UP_TIMEOUT_S,
+                    help=f"seconds to wait for each service to answer (default {UP_TIMEOUT_S:g})")  # fmt: skip
     down = cmds.add_parser("down", help="stop exactly the processes `up` started")
     status = cmds.add_parser("status", help="what runs, where, and how to submit to it")
     shot = cmds.add_parser("screenshot", help="save a headless-Chromium picture of a sweep's parent run in the UI")
@@ -222,7 +224,7 @@ def run_services_up(args) -> int:
 
     ports = sv.Ports(args.ray_port, args.dashboard_port, args.client_port, args.mlflow_port)
     started = sv.up(args.dir, ports=ports, ray=args.only in (None, "ray"), mlflow=args.only in (None, "mlflow"),
-                    num_cpus=args.num_cpus, mlflow_store=args.mlflow_store)  # fmt: skip
+                    num_cpus=args.num_cpus, mlflow_store=args.mlflow_store, timeout=args.timeout)  # fmt: skip
     print("\n".join(sv.describe(started)))
     print(f"environment for clients: source {args.dir / sv.ENV_FILE}")
     print(f"stop them with: wsss services down --dir {args.dir}")

@@ -33,6 +33,10 @@ STATE_FILE = "services.json"
 PORTS_OF = {"ray": ("ray", "dashboard", "client"), "mlflow": ("mlflow",)}
 ENV_FILE = "env.sh"
 LOOPBACK = "127.0.0.1"
+# Each service takes 10-20 s to answer on an idle 2-core machine; measured over 120 s for MLflow's two
+# web workers on one loaded to 14 (four trainings beside it). Waiting long costs nothing: an answer
+# ends the wait.
+UP_TIMEOUT_S = 300.0
 
 
 class ServiceError(WsssError):
@@ -128,7 +132,7 @@ def up(
     mlflow: bool = True,
     num_cpus: int | None = None,
     mlflow_store: Path | None = None,
-    timeout: float = 120.0,
+    timeout: float = UP_TIMEOUT_S,
 ) -> dict[str, Service]:
     """Start the requested services (those already running are kept) and wait until they answer.
 
@@ -139,7 +143,7 @@ def up(
         num_cpus: CPUs the Ray head offers (default: all).
         mlflow_store: folder of the MLflow server's sqlite database and artifacts
             (default: ``<folder>/mlflow``); kept across ``down``/``up``.
-        timeout: seconds to wait for each service to answer.
+        timeout: seconds to wait for each service to answer (an answer ends the wait at once).
 
     Returns:
         Every service recorded in the state file, by name.
@@ -251,7 +255,10 @@ def _wait_http(service: Service, url: str, timeout: float, ok_statuses: tuple[in
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
-    raise ServiceError(f"{service.name} did not answer at {url} within {timeout:g} s (stopped it); see {service.log}")
+    raise ServiceError(
+        f"{service.name} did not answer at {url} within {timeout:g} s (stopped it); see {service.log}"
+        " (on a busy machine start-up is slower: raise --timeout)"
+    )
 
 
 def _tail(path: str, lines: int = 20) -> str:
