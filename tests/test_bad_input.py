@@ -382,6 +382,18 @@ def test_no_shell_strings():
     assert shells == []
 
 
+def test_no_product_class_looks_like_a_test_to_pytest():
+    """pytest collects any ``Test*`` class a test module imports (and warns when it has an
+    ``__init__``); ``__test__ = False`` patches that, a name that is not ``Test*`` avoids it."""
+    named = [
+        (str(path.relative_to(REPO)), node.name)
+        for path in SOURCES
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and node.name.startswith("Test")
+    ]
+    assert named == []
+
+
 def test_ui_binds_to_loopback(monkeypatch, tmp_path):
     import os
 

@@ -18,7 +18,7 @@ import torch
 
 from training.atomic import atomic_path
 from training.config import DataConfig, TrialConfig, config_digest, save_config
-from training.data import TestDataset, TrainDataset, scan_test, scan_train
+from training.data import EvalDataset, TrainDataset, scan_test, scan_train
 from training.errors import DataError
 from training.evaluate import EvalSet, extract_cams, quick_eval, save_gallery, score
 from training.feature_cache import IndexedDataset, TeacherFeatures, cache_enabled, ensure_teacher_features
@@ -67,7 +67,7 @@ def load_splits(cfg: DataConfig, root: Path) -> tuple[TrainDataset, EvalSet]:
     items, _ = split_validation(scan_train(root), cfg.val_fraction)
     train = TrainDataset(items, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, augment=cfg.augment)
     items = scan_test(root)
-    test = TestDataset(items, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std)
+    test = EvalDataset(items, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std)
     return train, EvalSet.load(test, test_subsets(root, [item.id for item in items]))
 
 
