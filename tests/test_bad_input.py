@@ -105,9 +105,15 @@ def _bomb(root: Path) -> str:
     return rf"{path.name}: Image size \(10000000000 pixels\) exceeds limit .*cut it into windows"
 
 
+def _no_smoke_in_test(root: Path) -> str:
+    for mask in (root / "test" / "masks").iterdir():
+        cv2.imwrite(str(mask), np.zeros((32, 32), np.uint8))
+    return r"no smoke in test: 1 \(expected at least one test mask with smoke.*\n +test/masks: none of the 4 masks"
+
+
 @pytest.mark.parametrize(
     "breaks",
-    [_corrupt, _empty_class, _missing_mask, _mask_size, _mask_values, _sixteen_bit, _huge, _bomb],
+    [_corrupt, _empty_class, _missing_mask, _mask_size, _mask_values, _sixteen_bit, _huge, _bomb, _no_smoke_in_test],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_data_check_names_the_bad_file(dataset_template, tmp_path, capsys, breaks):
@@ -261,6 +267,30 @@ def test_a_sweep_file_with_an_inline_base_points_to_validate(tmp_path, capsys):
 def test_wsss_trial_without_a_config_exits_2_saying_what_to_give(capsys):
     code, err = _wsss(capsys, "trial")
     assert code == 2 and "give a trial YAML, or --from-sweep NAME --trial ID" in err
+
+
+def test_a_test_set_without_smoke_is_refused_before_training(dataset_template, tmp_path, capsys):
+    """Smoke IoU over no smoke is undefined: said up front with the folder, not as a traceback at the end."""
+    root = Path(shutil.copytree(dataset_template, tmp_path / "data"))
+    _no_smoke_in_test(root)
+    cfg = tmp_path / "tiny.yaml"
+    body = tiny_config_dict(root)
+    body["data"] = {"source": "folder", "root": str(root), "image_size": 32}
+    cfg.write_text(yaml.safe_dump(body))
+    code, err = _wsss(capsys, "trial", str(cfg), "--out", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"error: {root / 'test' / 'masks'}: none of the 4 test masks has a smoke pixel" in err
+    assert not (tmp_path / "o" / "checkpoint").exists()
+
+
+def test_a_cuda_device_this_machine_lacks_exits_2_naming_the_field(tmp_path, capsys, synth_root, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config_dict(synth_root)))
+    code, err = _wsss(capsys, "trial", str(cfg), "train.device=cuda", "--out", str(tmp_path / "o"))
+    assert code == 2 and "error: train.device: 'cuda' requested but no CUDA device is visible here" in err, err
 
 
 def test_file_that_is_not_a_checkpoint_is_named(tmp_path, capsys, synth_root):

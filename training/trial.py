@@ -68,7 +68,14 @@ def load_splits(cfg: DataConfig, root: Path) -> tuple[TrainDataset, EvalSet]:
     train = TrainDataset(items, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, augment=cfg.augment)
     items = scan_test(root)
     test = EvalDataset(items, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std)
-    return train, EvalSet.load(test, test_subsets(root, [item.id for item in items]))
+    evalset = EvalSet.load(test, test_subsets(root, [item.id for item in items]))
+    if not any(gt.any() for gt in evalset.gts):  # before training, not when the final metrics find out
+        raise DataError(
+            f"{Path(root) / 'test' / 'masks'}: none of the {len(evalset.gts)} test masks has a smoke pixel, so "
+            "smoke IoU is undefined; expected at least one test image with smoke (mask pixels 255, or 1)",
+            kind="no_smoke_in_test",
+        )
+    return train, evalset
 
 
 def test_subsets(root: Path, ids: list[str]) -> list[str] | None:
