@@ -310,7 +310,7 @@ def _fake_cluster(monkeypatch, nodes: list[dict]) -> list[str]:
     """Replace the Ray start with a fake cluster; returns the log of calls that would train."""
     import ray
 
-    monkeypatch.setattr(cluster, "start_ray", lambda *a: None)
+    monkeypatch.setattr(cluster, "start_ray", lambda *a, **k: None)
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in nodes])
     trained: list[str] = []
     monkeypatch.setattr(driver, "prepare", lambda *a, **k: trained.append("prepare"))

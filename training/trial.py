@@ -116,19 +116,23 @@ def teacher_key(cfg: TrialConfig) -> str:
     return config_digest({"data": d["data"], "model.teacher": d["model"]["teacher"], "train": d["train"]})
 
 
+def teacher_run_dir(cfg: TrialConfig, cache: Path | None = None) -> Path:
+    """The folder the teacher of ``cfg`` trains in; its checkpoint is ``<folder>.pt`` beside it."""
+    return (cache or cache_root()) / "teachers" / f"teacher-{teacher_key(cfg)}"
+
+
 def ensure_teacher(cfg: TrialConfig, cache: Path | None = None, *, tracker: Tracker | None = None) -> Path:
     """Train the teacher of ``cfg`` unless a cached one exists; returns its checkpoint.
 
     Cached by `teacher_key`, so reruns and other sweeps with the same teacher
     config reuse it. The write is atomic: concurrent callers never read half a file.
     """
-    folder = (cache or cache_root()) / "teachers"
-    path = folder / f"teacher-{teacher_key(cfg)}.pt"
+    run_dir = teacher_run_dir(cfg, cache)
+    path = run_dir.parent / f"{run_dir.name}.pt"
     if path.is_file():
         return path
-    folder.mkdir(parents=True, exist_ok=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     tcfg = teacher_config(cfg)
-    run_dir = folder / f"teacher-{teacher_key(cfg)}"
     run_trial(tcfg, run_dir, tracker=tracker or ConsoleTracker(run_dir), cache=cache)
     model = _rebuild_from_state(tcfg, run_dir)
     with atomic_path(path) as tmp:
