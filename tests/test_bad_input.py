@@ -8,6 +8,7 @@ its test. The last section checks the security rules on the source itself.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import shutil
 import struct
@@ -369,19 +370,24 @@ def test_impossible_cluster_fails_before_any_training(tmp_path, monkeypatch, cap
 # ---------------------------------------------------------------- security
 
 
+@functools.cache
+def _nodes() -> tuple[tuple[Path, ast.AST], ...]:
+    """(file, node) for every AST node of the project's sources, parsed once for all the scans below."""
+    return tuple((path, node) for path in SOURCES for node in ast.walk(ast.parse(path.read_text())))
+
+
 def _calls(attr_owner: str, names: set[str]):
     """(file, call node) for every ``attr_owner.<name>(...)`` call in the project's sources."""
-    for path in SOURCES:
-        for node in ast.walk(ast.parse(path.read_text())):
-            func = getattr(node, "func", None)
-            if (
-                isinstance(node, ast.Call)
-                and isinstance(func, ast.Attribute)
-                and func.attr in names
-                and isinstance(func.value, ast.Name)
-                and func.value.id == attr_owner
-            ):
-                yield path.relative_to(REPO), node
+    for path, node in _nodes():
+        func = getattr(node, "func", None)
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(func, ast.Attribute)
+            and func.attr in names
+            and isinstance(func.value, ast.Name)
+            and func.value.id == attr_owner
+        ):
+            yield path.relative_to(REPO), node
 
 
 def _keyword(node: ast.Call, name: str):
@@ -412,14 +418,14 @@ def test_no_shell_strings():
     assert shells == []
 
 
-def test_no_product_class_looks_like_a_test_to_pytest():
-    """pytest collects any ``Test*`` class a test module imports (and warns when it has an
-    ``__init__``); ``__test__ = False`` patches that, a name that is not ``Test*`` avoids it."""
+def test_no_product_name_looks_like_a_test_to_pytest():
+    """pytest collects any ``Test*`` class or ``test_*`` function a test module imports (and
+    warns about a class with an ``__init__``); ``__test__ = False`` patches that, a name avoids it."""
     named = [
         (str(path.relative_to(REPO)), node.name)
-        for path in SOURCES
-        for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.ClassDef) and node.name.startswith("Test")
+        for path, node in _nodes()
+        if (isinstance(node, ast.ClassDef) and node.name.startswith("Test"))
+        or (isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test_"))
     ]
     assert named == []
 

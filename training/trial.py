@@ -68,7 +68,7 @@ def load_splits(cfg: DataConfig, root: Path) -> tuple[TrainDataset, EvalSet]:
     train = TrainDataset(items, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, augment=cfg.augment)
     items = scan_test(root)
     test = EvalDataset(items, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std)
-    evalset = EvalSet.load(test, test_subsets(root, [item.id for item in items]))
+    evalset = EvalSet.load(test, subsets_of_test_images(root, [item.id for item in items]))
     if not any(gt.any() for gt in evalset.gts):  # before training, not when the final metrics find out
         raise DataError(
             f"{Path(root) / 'test' / 'masks'}: none of the {len(evalset.gts)} test masks has a smoke pixel, so "
@@ -78,7 +78,7 @@ def load_splits(cfg: DataConfig, root: Path) -> tuple[TrainDataset, EvalSet]:
     return train, evalset
 
 
-def test_subsets(root: Path, ids: list[str]) -> list[str] | None:
+def subsets_of_test_images(root: Path, ids: list[str]) -> list[str] | None:
     """Each test image's subset from the synthetic ``manifest.json``; None for real data
     (no manifest) or when the manifest does not list every image."""
     path = Path(root) / "manifest.json"
