@@ -10,6 +10,11 @@ from pathlib import Path
 
 from training.errors import ConfigError
 
+VERBOSE_HELP = (
+    "also Ray's, Tune's and MLflow's own output (INFO logs, Tune's tables, the trials' output); "
+    "default: their warnings, and a line per trial with a bar for the sweep"
+)
+
 
 def add_sweep_commands(sub) -> None:
     """Register the sweep subcommands on the ``wsss`` parser."""
@@ -29,6 +34,7 @@ def add_sweep_commands(sub) -> None:
     s.add_argument("--storage-is-shared", action="store_true", help="--storage is mounted on every node (NFS)")
     s.add_argument("--resume", action="store_true", help="require an existing sweep of this name to resume")
     s.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    s.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     s.set_defaults(run=run_sweep_command)
 
     r = sub.add_parser("refine", help="refine a sweep's CAMs (CRF, SAM, superpixels) with Ray actors")
@@ -38,6 +44,7 @@ def add_sweep_commands(sub) -> None:
     r.add_argument("--storage", type=Path, default=Path("runs"))
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
     r.add_argument("--address", help="an existing Ray cluster (default: start a local Ray)")
+    r.add_argument("--verbose", action="store_true", help="Ray's own INFO logs and the actors' output too")
     r.set_defaults(run=run_refine)
 
     t = sub.add_parser("tables", help="print a sweep's tables from MLflow")
@@ -122,7 +129,18 @@ def _our_pair(cfg) -> tuple[str, str] | None:
     return t.metric, t.level
 
 
+def quiet_mlflow(verbose: bool) -> None:
+    """MLflow's own logging at warnings unless ``verbose`` (or the user set MLFLOW_LOGGING_LEVEL).
+
+    Read when MLflow is first imported, so called before that: otherwise a new
+    database prints "Creating initial MLflow database tables" and more at INFO.
+    """
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
 def run_sweep_command(args) -> int:
+    quiet_mlflow(args.verbose)
     from orchestrator.cluster import check_job_outputs
     from orchestrator.driver import print_outcome, require_sweep, run_sweep
     from orchestrator.space import load_space
@@ -143,6 +161,7 @@ def run_sweep_command(args) -> int:
             address=args.address,
             storage_is_shared=args.storage_is_shared,
             num_cpus=args.num_cpus,
+            verbose=args.verbose,
         )
     except KeyboardInterrupt:
         print(f"\nsweep {name}: interrupted; UNFINISHED: resume with\n  {command}", file=sys.stderr)
@@ -161,7 +180,9 @@ def _browse_hint(uri: str, name: str) -> str:
 
 
 def run_refine(args) -> int:
+    quiet_mlflow(args.verbose)
     from orchestrator.cluster import RaySession
+    from orchestrator.console import is_terminal
     from orchestrator.refine_sweep import refine_sweep
     from orchestrator.space import load_space
     from orchestrator.sweep_dir import SweepDir
@@ -173,9 +194,9 @@ def run_refine(args) -> int:
     if not space.refine:
         raise ConfigError(f"{space_file}: no `refine:` section; pass --space with one")
     tracking = SweepTracking.find(_tracking_uri(args.tracking_uri), args.name)
-    with RaySession(args.address) as ray:
+    with RaySession(args.address, verbose=args.verbose) as ray:
         ray.start()
-        tables = refine_sweep(space.refine, sweep, tracking, trials=args.trials)
+        tables = refine_sweep(space.refine, sweep, tracking, trials=args.trials, progress=is_terminal(sys.stderr))
     for title, text in tables.items():
         print(f"## {title}\n\n{text}\n")
     return 0
