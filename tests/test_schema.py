@@ -18,10 +18,12 @@ from training.config.refine import (
     BACKENDS,
     STEPS,
     CrfStep,
+    ParStep,
     RegionsStep,
     SamParams,
     SuperpixelParams,
     ThresholdStep,
+    VarmStep,
     pipeline_key,
     pipeline_uses_gpu,
 )
@@ -180,9 +182,11 @@ def _field_defaults(cls, skip=()) -> dict:
 
 def test_pure_functions_take_their_defaults_from_the_step_dataclasses() -> None:
     from postproc.crf import crf_refine
+    from postproc.par import par_refine_np
     from postproc.proposals import SamProposals, SuperpixelProposals
     from postproc.regions import refine_with_proposals, select_regions
     from postproc.threshold import seed_mask
+    from postproc.varm import varm_refine_np
 
     assert _keyword_defaults(crf_refine) == _field_defaults(CrfStep)
     assert _keyword_defaults(seed_mask) == _field_defaults(ThresholdStep)
@@ -190,6 +194,8 @@ def test_pure_functions_take_their_defaults_from_the_step_dataclasses() -> None:
     assert _keyword_defaults(select_regions) == _field_defaults(RegionsStep, ("backend", "proposal_params", "fusion"))
     assert _keyword_defaults(SuperpixelProposals.__init__) == _field_defaults(SuperpixelParams)
     assert _keyword_defaults(SamProposals.__init__) == _field_defaults(SamParams)
+    assert _keyword_defaults(varm_refine_np) == _field_defaults(VarmStep)
+    assert _keyword_defaults(par_refine_np) == _field_defaults(ParStep)
 
 
 def test_one_threshold_grid_for_metrics_and_the_refinement_oracle() -> None:
