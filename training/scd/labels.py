@@ -11,7 +11,9 @@ refined (VARM on the half-size image) and arg-maxed. A pixel is
 
 For our one-class smoke CAM this is the reference's construction, not
 ``1 − cam``: the background is the constant score, so without refinement a pixel
-is smoke iff cam > high, background iff cam ≤ low, ignored otherwise.
+is smoke iff cam > high, background iff cam ≤ low, ignored otherwise. With one
+class the two-channel stacks are refined as their difference (`_one_class`): the
+same labels, half the propagation.
 """
 
 from __future__ import annotations
