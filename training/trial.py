@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from training.atomic import atomic_path
 from training.config import DataConfig, TrialConfig, config_digest, save_config
 from training.data import TestDataset, TrainDataset, scan_test, scan_train
 from training.errors import DataError
@@ -42,9 +43,10 @@ from training.loop import (
 )
 from training.paradigms import Paradigm, build_paradigm, save_net_checkpoint
 from training.pretrain import pretrain_identity, resolve_pretrained
-from training.shards import atomic_path, atomic_write_text, write_shards
+from training.shards import write_shards
 from training.synth import generate
 from training.tracker import ConsoleTracker, Tracker
+from training.trial_dir import TrialDir
 from training.validation import Validation, load_validation, quick_validation, score_validation, split_validation
 
 EpochCallback = Callable[[dict[str, float], Path], None]
@@ -139,7 +141,7 @@ def ensure_teacher(cfg: TrialConfig, cache: Path | None = None, *, tracker: Trac
 def _rebuild_from_state(cfg: TrialConfig, run_dir: Path) -> Paradigm:
     # The saved state replaces every weight: build from scratch, never load pretrained ones first.
     model = build_paradigm(cfg.replace(**{"model.teacher.pretrained": "false", "model.student.pretrained": "false"}))
-    state = torch.load(run_dir / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
+    state = torch.load(TrialDir(run_dir).state, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     return model
 
@@ -171,10 +173,9 @@ def run_trial(
     Returns:
         The final metrics (also in ``metrics.json``).
     """
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    tracker = tracker or ConsoleTracker(out)
-    save_config(cfg, out / "config.yaml")
+    out = TrialDir(Path(out_dir).resolve()).create()
+    tracker = tracker or ConsoleTracker(out.path)
+    save_config(cfg, out.config)
     tracker.log_params(cfg.to_dict())
     configure_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
@@ -202,7 +203,7 @@ def run_trial(
         if val is not None:
             metrics |= quick_validation(model.cam_net, val, cfg.cam, device)
         metrics["epoch"] = epoch + 1
-        ckpt = save_state(out / "checkpoint", model, opt, sched, epoch + 1)
+        ckpt = save_state(out.checkpoint, model, opt, sched, epoch + 1)
         tracker.log_metrics(metrics, step=epoch + 1)
         if on_epoch is not None:
             on_epoch(metrics, ckpt)
@@ -231,7 +232,7 @@ def finish_trial(
     model: Paradigm,
     cfg: TrialConfig,
     evalset: EvalSet,
-    out: Path,
+    out: TrialDir,
     device,
     tracker: Tracker,
     *,
@@ -246,7 +247,7 @@ def finish_trial(
     """
     workers = default_num_workers(device, cfg.data.num_workers)
     camset = extract_cams(model.cam_net, evalset, cfg.cam, device, num_workers=workers)
-    write_shards(out / "cams", camset.ids, camset.cams, camset.logits, camset.labels, shard_size=cfg.cam.shard_size)
+    write_shards(out.cams, camset.ids, camset.cams, camset.logits, camset.labels, shard_size=cfg.cam.shard_size)
     metrics = score(camset, evalset, cfg.cam.threshold)
     segment, seg_masks = (model.segment if cfg.transfer.paradigm_info.scd else None), None
     if segment is not None:
@@ -259,11 +260,11 @@ def finish_trial(
         metrics |= val_metrics
         if val_cams is not None:
             c = val_cams
-            write_shards(out / "val_cams", c.ids, c.cams, c.logits, c.labels, shard_size=cfg.cam.shard_size)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))
+            write_shards(out.val_cams, c.ids, c.cams, c.logits, c.labels, shard_size=cfg.cam.shard_size)
+    out.write_metrics(metrics)
     tracker.log_metrics(metrics, step=cfg.train.epochs)
-    for path in save_gallery(camset, evalset, out / "gallery", cfg.cam.gallery, seg_masks=seg_masks):
-        tracker.log_artifact(path, "gallery")
-    tracker.log_artifact(out / "config.yaml", None)
-    tracker.log_artifact(out / "metrics.json", None)
+    for path in save_gallery(camset, evalset, out.gallery, cfg.cam.gallery, seg_masks=seg_masks):
+        tracker.log_artifact(path, out.gallery.name)  # the run mirrors the folder: gallery/
+    tracker.log_artifact(out.config, None)
+    tracker.log_artifact(out.metrics, None)
     return metrics
