@@ -23,8 +23,19 @@ import numpy as np
 import torch
 
 # Models of the shipped configs: `thesis` = trials/thesis.yaml; `cpu` = trials/cpu.yaml as the figures in
-# docs/performance.md were measured (a 4-block ViT; cpu.yaml now has 2 blocks, about half the cost).
+# docs/performance.md were measured (a 4-block ViT; cpu.yaml now has 2 blocks, about half the cost);
+# `bench` = trials/bench.yaml, the CPU benchmark preset (the 2-block ViT, EfficientNet-Lite0 cut after 4
+# stages; random weights here: only the cost is measured).
 PRESETS = {
+    "bench": {
+        "image_size": 64,
+        "batch_size": 32,
+        "teacher": {"name": "tf_efficientnet_lite0", "output_stride": 8, "stages": 4},
+        "student": {
+            "name": "vit_tiny_patch16_224",
+            "options": {"patch_size": 8, "depth": 2, "embed_dim": 96, "num_heads": 3},
+        },
+    },
     "cpu": {
         "image_size": 64,
         "batch_size": 32,
@@ -219,17 +230,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(variants: dict[str, Callable[[], None]], rounds: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each variant per round; the order rotates every round."""
+def interleaved(
+    variants: dict[str, Callable[[], None]], rounds: int, device: torch.device, *, clock=time.perf_counter
+) -> dict[str, list[float]]:
+    """Seconds of each variant per round; the order rotates every round.
+
+    ``clock``: wall time by default; ``time.process_time`` counts only this process's CPU time,
+    which on a CPU box shared with other jobs varies less than the wall clock (on a GPU it
+    would miss the device's work).
+    """
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             variants[name]()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 

@@ -4,7 +4,8 @@
    smoke), S = 64 and 256: milliseconds per call.
 2. The CPU preset's ViT (``search_spaces/trials/cpu.yaml``, ``model.student``) at
    batch 32, 64 px: a baseline step (forward, BCE, backward) against an SCD step
-   composed from ``training.scd`` (the paradigm's wiring is not written yet):
+   composed by hand from ``training.scd`` (phase 1's measurement, before the paradigm;
+   the paradigm's own step, in the trial's loop, is timed by ``train_step.py --preset bench``):
    both views through the ViT, the head on every block's map, the weight CAM
    (no gradient) of each view, VARM pseudo labels, the balanced segmentation
    loss, the energy loss, the correspondence loss and the equivariance term, one

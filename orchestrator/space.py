@@ -133,8 +133,8 @@ def check_checkpoints(trials: list[TrialSpec]) -> None:
 
 def _checkpoint_paths(cfg: TrialConfig) -> list[tuple[str, str]]:
     paths = [(f"model.{net}.pretrained", getattr(cfg.model, net).pretrained) for net in ("teacher", "student")]
-    # `pretrain:` references are checked when the config is built, and trained on first use
-    paths = [(k, v) for k, v in paths if v.lower() not in ("true", "false") and not v.startswith("pretrain:")]
+    # only files: `pretrain:` references and packaged weights names are checked when the config is built
+    paths = [(k, v) for k, v in paths if names.pretrained_kind(v) == "file"]
     if cfg.transfer.teacher_checkpoint:
         paths.append(("transfer.teacher_checkpoint", cfg.transfer.teacher_checkpoint))
     return paths
@@ -145,6 +145,11 @@ def _tag(overrides: dict[str, Any]) -> str:
     parts = []
     for key, value in overrides.items():
         last = key.rsplit(".", 1)[-1]
+        if value is None:  # a section left out (scd: null)
+            continue
+        if isinstance(value, dict):  # a whole section (scd: {...}) is named, not spelled out
+            parts.append(last)
+            continue
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
         parts.append(f"{last}{text}" if isinstance(value, int | float) and not isinstance(value, bool) else text)
     tag = "-".join(parts) or "base"
@@ -159,14 +164,21 @@ def run_name(cfg: TrialConfig, overrides: dict[str, Any]) -> str:
     else:
         head = f"{t.paradigm} · {t.metric} · {t.level} · λ={t.lam:g}"
     shown = ("transfer.paradigm", "transfer.metric", "transfer.level", "transfer.lam", "transfer.baseline_network")
-    rest = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items() if k not in shown]
+    rest = [_shown(k, v) for k, v in overrides.items() if k not in shown and v is not None]
     return " · ".join([head, *rest])
+
+
+def _shown(key: str, value: Any) -> str:
+    last = key.rsplit(".", 1)[-1]
+    if isinstance(value, dict):  # a whole section: its settings are in the run's params, not its name
+        return f"{last}({len(value)} settings)"
+    return f"{last}={value}"
 
 
 def arm(cfg: TrialConfig) -> str:
     """The table row a trial belongs to: its paradigm, or which baseline."""
     t = cfg.transfer
-    if t.paradigm_info.transfer:
+    if t.paradigm_info.cam_network:  # every paradigm but the baselines names its own network
         return t.paradigm
     row = f"{t.paradigm}_{'cnn' if t.cam_network == 'teacher' else 'vit'}"
     return f"{row}+pcm" if cfg.cam_net.pcm else row  # the thesis reports ResNet-50 with and without PCM

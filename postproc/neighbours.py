@@ -22,28 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.errors import ConfigError
+from training.config.refine import PROPAGATION_DILATIONS, PROPAGATION_ITERS, check_dilations, check_iters
 
-DILATIONS = (1, 2, 4, 8, 12, 24)  # AFA, ToCo and SCD all build PAR / VARM with these
-ITERS = 10  # propagation steps (AFA's COCO script uses 15)
+# the defaults of the ``varm`` and ``par`` refinement steps (the schema owns them)
+DILATIONS = PROPAGATION_DILATIONS
+ITERS = PROPAGATION_ITERS
 STD_EPS = 1e-8  # added to the neighbourhood's standard deviation, as the references do
 
 RING = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
-
-def check_dilations(dilations: Sequence[int]) -> tuple[int, ...]:
-    """Return ``dilations`` as a tuple, or raise ConfigError unless they are positive integers."""
-    values = tuple(dilations) if isinstance(dilations, (list, tuple)) else None
-    if not values or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in values):
-        raise ConfigError(f"dilations: expected a non-empty list of integers ≥ 1, got {dilations!r}")
-    return values
-
-
-def check_iters(iters: int) -> int:
-    """Return ``iters``, or raise ConfigError unless it is an integer ≥ 0."""
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ConfigError(f"iters: expected an integer ≥ 0 (propagation steps), got {iters!r}")
-    return iters
+__all__ = ["DILATIONS", "ITERS", "RING", "STD_EPS", "cam_array", "check_dilations", "check_iters", "colour_logits",
+           "dilated_neighbours", "image_tensor", "match_cam_to_image", "neighbour_distances", "neighbour_offsets",
+           "propagate"]
 
 
 def neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:

@@ -30,8 +30,6 @@ from postproc.neighbours import (
     ITERS,
     STD_EPS,
     cam_array,
-    check_dilations,
-    check_iters,
     colour_logits,
     dilated_neighbours,
     image_tensor,
@@ -39,27 +37,13 @@ from postproc.neighbours import (
     neighbour_distances,
     propagate,
 )
-from training.config.parse import check_range
+from training.config.refine import ParStep, check_par_params
 
-W_RGB = 0.3  # w1 in AFA: colour kernel width, in units of the local colour deviation
-W_POS = 0.01  # w2 in AFA: weight of the position kernel
-POS_TEMPERATURE = 0.3  # the references reuse w1 for the position kernel
+W_RGB = ParStep.w_rgb  # w1 in AFA: colour kernel width, in units of the local colour deviation
+W_POS = ParStep.w_pos  # w2 in AFA: weight of the position kernel
+POS_TEMPERATURE = ParStep.pos_temperature  # the references reuse w1 for the position kernel
 
-
-def check_par_params(
-    *,
-    dilations: Sequence[int] = DILATIONS,
-    iters: int = ITERS,
-    w_rgb: float = W_RGB,
-    w_pos: float = W_POS,
-    pos_temperature: float = POS_TEMPERATURE,
-) -> None:
-    """Raise ConfigError for any out-of-range :func:`par_refine` parameter."""
-    check_dilations(dilations)
-    check_iters(iters)
-    check_range("w_rgb", w_rgb, low=0.0, low_open=True)
-    check_range("w_pos", w_pos, low=0.0)
-    check_range("pos_temperature", pos_temperature, low=0.0, low_open=True)
+__all__ = ["POS_TEMPERATURE", "W_POS", "W_RGB", "check_par_params", "par_refine", "par_refine_np", "par_weights"]
 
 
 def par_weights(

@@ -14,12 +14,18 @@ What a step may say (names, fields, defaults, ranges) is the schema's,
 
 - ``threshold``: cam → seed mask (:func:`postproc.threshold.seed_mask`).
 - ``crf``: image, cam → mask (:func:`postproc.crf.crf_refine`).
+- ``varm``, ``par``: image, cam → the CAM refined by neighbourhood propagation
+  (:func:`postproc.varm.varm_refine_np`, :func:`postproc.par.par_refine_np`); the
+  steps after them read the refined CAM.
 - ``regions``: image, current mask → mask fused with region proposals
   (:func:`postproc.regions.refine_with_proposals`, proposals from
   :func:`postproc.proposals.build_proposals`).
 
-``threshold`` and ``crf`` start from the CAM, so they may only come first; a
-pipeline without one starts from ``seed_mask(cam, threshold=0.3)``. Building
+``threshold``, ``crf``, ``varm`` and ``par`` start from the CAM, so they come first
+(``varm`` and ``par`` may be followed by another CAM step: ``varm`` then ``crf``
+refines the VARM-refined CAM); a pipeline whose last CAM step is a propagation, or
+that has none, starts its masks from ``seed_mask(cam, threshold)`` at the trial's
+``cam.threshold``. Building
 (:func:`build_pipeline`) validates every step and builds each proposal backend
 once per pipeline (SAM loads its checkpoint once).
 """
@@ -34,15 +40,27 @@ import numpy as np
 
 from postproc.crf import crf_refine
 from postproc.masks import check_cam, check_image
+from postproc.par import par_refine_np
 from postproc.proposals import ProposalBackend, build_proposals
 from postproc.regions import refine_with_proposals
 from postproc.threshold import DEFAULT_THRESHOLD, seed_mask
+from postproc.varm import varm_refine_np
 from training.config.parse import shallow_fields
-from training.config.refine import SEED_KEY, STEPS, CrfStep, RegionsStep, StepSpec, ThresholdStep, parse_pipeline
+from training.config.refine import (
+    SEED_KEY,
+    STEPS,
+    CrfStep,
+    ParStep,
+    RegionsStep,
+    StepSpec,
+    ThresholdStep,
+    VarmStep,
+    parse_pipeline,
+)
 from training.errors import ConfigError
 from training.registry import Registry
 
-# a step: (image, cam, mask so far, the seed threshold) → mask
+# a step: (image, cam, mask so far, the seed threshold) → mask (a CAM refinement: → the refined CAM)
 StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray | None, float], np.ndarray]
 
 __all__ = ["STEPS", "STEP_BUILDERS", "BackendCache", "Pipeline", "StepSpec", "build_pipeline"]
@@ -82,6 +100,18 @@ def _crf(step: CrfStep, backends: BackendCache) -> StepFn:
         return lambda image, cam, mask, seed: crf_refine(image, cam, **params)
     # the thesis decides at the CAM's own threshold: the trial's, as the seed's
     return lambda image, cam, mask, seed: crf_refine(image, cam, **(params | {"fg_threshold": seed}))
+
+
+@STEP_BUILDERS.register("varm")
+def _varm(step: VarmStep, backends: BackendCache) -> StepFn:
+    params = shallow_fields(step)
+    return lambda image, cam, mask, seed: varm_refine_np(image, cam, **params)
+
+
+@STEP_BUILDERS.register("par")
+def _par(step: ParStep, backends: BackendCache) -> StepFn:
+    params = shallow_fields(step)
+    return lambda image, cam, mask, seed: par_refine_np(image, cam, **params)
 
 
 @STEP_BUILDERS.register("regions")
@@ -145,6 +175,9 @@ class Pipeline:
         image = check_image(image, shape=cam.shape)
         mask = None
         for step, function in zip(self.steps, self._functions, strict=True):
+            if getattr(step, "refines_cam", False):  # varm, par: only before any mask (parse_pipeline)
+                cam = function(image, cam, mask, seed_threshold)
+                continue
             if mask is None and not step.starts_from_cam:
                 mask = seed_mask(cam, threshold=seed_threshold)
             mask = function(image, cam, mask, seed_threshold)

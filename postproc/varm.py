@@ -29,33 +29,18 @@ from postproc.neighbours import (
     DILATIONS,
     ITERS,
     cam_array,
-    check_dilations,
-    check_iters,
     colour_logits,
     dilated_neighbours,
     image_tensor,
     match_cam_to_image,
     propagate,
 )
-from training.config.parse import check_range
+from training.config.refine import VarmStep, check_varm_params
 
-W_RGB = 0.25  # SCD multiplies |I − I_k| / σ by 4
-W_VAR = 0.01  # SCD's w2: weight of the local-variation penalty
+W_RGB = VarmStep.w_rgb  # SCD multiplies |I − I_k| / σ by 4
+W_VAR = VarmStep.w_var  # SCD's w2: weight of the local-variation penalty
 
-
-def check_varm_params(
-    *,
-    dilations: Sequence[int] = DILATIONS,
-    iters: int = ITERS,
-    w_rgb: float = W_RGB,
-    w_var: float = W_VAR,
-) -> None:
-    """Raise ConfigError for any out-of-range :func:`varm_refine` parameter."""
-    check_dilations(dilations)
-    check_iters(iters)
-    check_range("w_rgb", w_rgb, low=0.0, low_open=True)
-    # w_var ≥ 1 would make the weights sum to ≤ 0 and the propagation meaningless
-    check_range("w_var", w_var, low=0.0, high=1.0, high_open=True)
+__all__ = ["W_RGB", "W_VAR", "check_varm_params", "local_variation", "varm_refine", "varm_refine_np", "varm_weights"]
 
 
 def local_variation(neighbours: Tensor) -> Tensor:

@@ -166,7 +166,8 @@ def _space(tmp_path: Path, **sections) -> Path:
         ({"set": {"transfer.lamda": 0.5}}, r"transfer\.lamda: unknown key \(did you mean \"lam\"\?\); valid keys: "),
         (
             {"grid": {"transfer.paradigm": ["teacher-student"]}},
-            r"transfer\.paradigm: unknown paradigm 'teacher-student'.*baseline, co_training, teacher_student",
+            r"transfer\.paradigm: unknown paradigm 'teacher-student'.*"
+            r"baseline, co_training, scd_with_teacher, self_correspondence, teacher_student",
         ),
         ({"grid": {"transfer.metric,transfer.level": [["cosine", "logits"]]}}, r"metric=cosine.*level=logits"),
         ({"grid": {"transfer.lam": [0.5, -1.0]}}, r"transfer\.lam: expected λ ≥ 0, got -1\.0"),

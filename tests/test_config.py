@@ -135,7 +135,7 @@ def test_unknown_paradigm_lists_valid_ones() -> None:
     msg = str(err.value)
     assert "transfer.paradigm: unknown paradigm 'teacher-student'" in msg
     assert 'did you mean "teacher_student"' in msg
-    assert "valid: baseline, co_training, teacher_student" in msg
+    assert "valid: baseline, co_training, scd_with_teacher, self_correspondence, teacher_student" in msg
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.config import TrialConfig
+from training.config import TrialConfig, names
 from training.config.names import valid_pairs
 from training.errors import CheckpointError, ConfigError
 from training.loop import make_optimizer
@@ -21,10 +21,13 @@ from training.paradigms import (
     save_net_checkpoint,
 )
 
+SCD_TERMS = {"loss_seg", "loss_energy", "loss_corr", "loss_equivariance"}
 TERMS = {
     "baseline": {"loss", "loss_cls"},
     "teacher_student": {"loss", "loss_cls", "loss_transfer"},
     "co_training": {"loss", "loss_cls", "loss_cls_teacher", "loss_transfer"},
+    "self_correspondence": {"loss", "loss_cls", *SCD_TERMS},
+    "scd_with_teacher": {"loss", "loss_cls", "loss_transfer", *SCD_TERMS},
 }
 
 
@@ -41,7 +44,7 @@ def teacher_file(tmp_path_factory: pytest.TempPathFactory, make_config: Callable
 def _build(make_config, paradigm: str, teacher_file: Path, **overrides) -> Paradigm:
     cfg = make_config(**{"transfer.paradigm": paradigm, **overrides})
     torch.manual_seed(0)
-    ckpt = str(teacher_file) if paradigm == "teacher_student" else None
+    ckpt = str(teacher_file) if cfg.transfer.paradigm_info.frozen_teacher else None
     return build_paradigm(cfg, ckpt)
 
 
@@ -65,6 +68,9 @@ def test_every_paradigm_gives_finite_named_terms(make_config, teacher_file: Path
     assert all(isinstance(v, float) for v in terms.values())
     assert terms["loss"] == pytest.approx(loss.item())
     expected = terms["loss_cls"] + terms.get("loss_cls_teacher", 0.0) + 0.5 * terms.get("loss_transfer", 0.0)
+    if names.PARADIGMS.get(paradigm).scd:  # SCD's weighted terms, after the warm-up (no at_step call)
+        weights = model.scd.loss_weights(1, 1)
+        expected += sum(weights[k.removeprefix("loss_")] * terms[k] for k in SCD_TERMS)
     assert terms["loss"] == pytest.approx(expected, rel=1e-6)
     assert torch.equal(images, before)
 

@@ -5,10 +5,12 @@ from tiny_sam import tiny_sam
 
 import postproc.pipeline as pipeline_module
 from postproc.crf import crf_refine
+from postproc.par import par_refine_np
 from postproc.pipeline import STEPS, Pipeline, StepSpec
 from postproc.proposals import SuperpixelProposals
 from postproc.regions import refine_with_proposals
 from postproc.threshold import seed_mask
+from postproc.varm import varm_refine_np
 from training.errors import ConfigError
 
 CRF_THEN_REGIONS = [
@@ -29,7 +31,7 @@ def _scene(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_steps_are_registered_by_name():
-    assert STEPS.names() == ["crf", "regions", "threshold"]
+    assert STEPS.names() == ["crf", "par", "regions", "threshold", "varm"]
 
 
 def test_spec_round_trip_and_key():
@@ -76,7 +78,7 @@ def test_key_table(spec, key):
     ("spec", "match"),
     [
         ([{"step": "crff"}], r"pipeline\[0\]\.step: unknown refinement step 'crff'.*crf"),
-        ([{"scale": 12}], "'step' key naming one of crf, regions, threshold"),
+        ([{"scale": 12}], "'step' key naming one of crf, par, regions, threshold, varm"),
         ({"step": "crf"}, "expected a list of steps"),
         ([{"step": "crf", "sacle": 12}], r"step 'crf' has no parameter\(s\) sacle; valid: recipe, scale, alpha"),
         ([{"step": "regions", "iou": 0.3}], "valid: backend, proposal_params, rule, fusion"),
@@ -89,6 +91,11 @@ def test_key_table(spec, key):
         ([{"step": "regions", "proposal_params": 9}], "proposal_params: expected a mapping"),
         ([{"step": "regions"}, {"step": "crf"}], r"pipeline\[1\]: step 'crf' starts again"),
         ([{"step": "regions", "backend": "sam"}], "checkpoint"),
+        ([{"step": "crf"}, {"step": "varm"}], r"pipeline\[1\]: step 'varm' starts again .* mask of 'crf'.*par, varm"),
+        ([{"step": "varm"}, {"step": "regions"}, {"step": "par"}], r"pipeline\[2\]: step 'par' .* of 'regions'"),
+        ([{"step": "varm", "w_var": 1.0}], r"pipeline\[0\] \(varm\): w_var"),
+        ([{"step": "par", "dilations": [1, 0]}], r"pipeline\[0\] \(par\): dilations"),
+        ([{"step": "varm", "iters": 2.5}], r"pipeline\[0\] \(varm\): iters"),
     ],
 )
 def test_invalid_specs_fail_with_the_culprit(spec, match):
@@ -115,6 +122,31 @@ def test_chained_crf_and_regions_equal_the_functions_composed():
     np.testing.assert_array_equal(mask, expected)
     np.testing.assert_array_equal(image, before[0])
     np.testing.assert_array_equal(cam, before[1])
+
+
+@pytest.mark.parametrize(("name", "refine"), [("varm", varm_refine_np), ("par", par_refine_np)])
+def test_a_propagation_step_refines_the_cam_that_later_steps_read(name, refine):
+    """``[varm]`` thresholds the VARM-refined CAM at the trial's threshold; ``[varm, crf]``
+    runs the CRF on it; the input CAM is not modified."""
+    image, cam = _scene()
+    before = cam.copy()
+    refined = refine(image, cam, iters=4)
+    alone = Pipeline.from_spec([{"step": name, "iters": 4}])
+    np.testing.assert_array_equal(alone(image, cam, seed_threshold=0.4), seed_mask(refined, threshold=0.4))
+    then_crf = Pipeline.from_spec([{"step": name, "iters": 4}, {"step": "crf", "iters": 1}])
+    np.testing.assert_array_equal(then_crf(image, cam), crf_refine(image, refined, iters=1, fg_threshold=0.3))
+    twice = Pipeline.from_spec([{"step": name, "iters": 2}, {"step": name, "iters": 2}])
+    np.testing.assert_array_equal(twice(image, cam), seed_mask(refine(image, refine(image, cam, iters=2), iters=2)))
+    np.testing.assert_array_equal(cam, before)
+    # the propagation changes the mask at all (a test that could not fail otherwise)
+    assert (alone(image, cam, seed_threshold=0.4) != seed_mask(cam, threshold=0.4)).any()
+
+
+def test_propagation_keys_name_lists_by_value():
+    a = Pipeline.from_spec([{"step": "varm", "dilations": [1, 2, 4]}])
+    b = Pipeline.from_spec([StepSpec("varm", {"dilations": (1, 2, 4)})])
+    assert a.key == b.key == "varm(dilations=[1 2 4])"
+    assert a.steps[0].dilations == (1, 2, 4)
 
 
 def test_regions_steps_can_chain():

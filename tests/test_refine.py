@@ -39,7 +39,8 @@ from training.synth import SynthConfig, generate
 SYNTH = SynthConfig(size=64, n_train=8, n_test=24, seed=1)
 CRF = [{"step": "crf", "iters": 1}]
 SUPERPIXEL = [{"step": "regions", "backend": "superpixel", "fusion": "or"}]
-SPECS = [CRF, SUPERPIXEL]
+VARM = [{"step": "varm", "iters": 5}]  # SCD's propagation alone: the refined CAM at the trial's threshold
+SPECS = [CRF, SUPERPIXEL, VARM]
 
 
 # ---------------------------------------------------------------- grid and selection
@@ -199,10 +200,12 @@ def fanned(trials, ray_session):
 @pytest.mark.slow
 def test_fanout_equals_reference(reference, fanned):
     units, results = fanned
-    assert len(units) == 2 * 3 * 3 and all(r.status == "done" for r in results)
+    assert len(units) == 2 * 3 * 4 and all(r.status == "done" for r in results)
     assert _table(summarise(results)) == _table(summarise(reference))
     rows = summarise(results)
-    assert {r["pipeline"] for r in rows} == {"seed", pipeline_key(CRF), pipeline_key(SUPERPIXEL)}
+    assert {r["pipeline"] for r in rows} == {"seed", pipeline_key(CRF), pipeline_key(SUPERPIXEL), "varm(iters=5)"}
+    by_key = {(r["trial_id"], r["pipeline"]): r["miou_refined"] for r in rows}
+    assert by_key[("trial-a", "varm(iters=5)")] != by_key[("trial-a", "seed")]  # VARM changed the masks
     assert all(r["images"] == 24 and 0 < r["miou_refined"] <= 1 for r in rows)
     for mine, theirs in zip(results, reference, strict=True):
         assert mine.counter == theirs.counter

@@ -18,10 +18,12 @@ from training.config.refine import (
     BACKENDS,
     STEPS,
     CrfStep,
+    ParStep,
     RegionsStep,
     SamParams,
     SuperpixelParams,
     ThresholdStep,
+    VarmStep,
     pipeline_key,
     pipeline_uses_gpu,
 )
@@ -180,9 +182,11 @@ def _field_defaults(cls, skip=()) -> dict:
 
 def test_pure_functions_take_their_defaults_from_the_step_dataclasses() -> None:
     from postproc.crf import crf_refine
+    from postproc.par import par_refine_np
     from postproc.proposals import SamProposals, SuperpixelProposals
     from postproc.regions import refine_with_proposals, select_regions
     from postproc.threshold import seed_mask
+    from postproc.varm import varm_refine_np
 
     assert _keyword_defaults(crf_refine) == _field_defaults(CrfStep)
     assert _keyword_defaults(seed_mask) == _field_defaults(ThresholdStep)
@@ -190,6 +194,25 @@ def test_pure_functions_take_their_defaults_from_the_step_dataclasses() -> None:
     assert _keyword_defaults(select_regions) == _field_defaults(RegionsStep, ("backend", "proposal_params", "fusion"))
     assert _keyword_defaults(SuperpixelProposals.__init__) == _field_defaults(SuperpixelParams)
     assert _keyword_defaults(SamProposals.__init__) == _field_defaults(SamParams)
+    assert _keyword_defaults(varm_refine_np) == _field_defaults(VarmStep)
+    assert _keyword_defaults(par_refine_np) == _field_defaults(ParStep)
+
+
+def test_scd_functions_take_their_defaults_from_the_scd_section() -> None:
+    from training.config.scd import SCDConfig
+    from training.scd import SegmentationHead, correspondence_loss, energy_loss, pseudo_labels
+
+    scd = SCDConfig()
+    labels = _keyword_defaults(pseudo_labels)
+    assert (labels["high"], labels["low"], labels["down_scale"]) == (scd.bg_high, scd.bg_low, scd.label_down_scale)
+    assert _keyword_defaults(correspondence_loss)["points"] == scd.points
+    head = _keyword_defaults(SegmentationHead.__init__)
+    assert (head["width"], head["dropout"]) == (scd.head_width, scd.head_dropout)
+    energy = _keyword_defaults(energy_loss)
+    assert (energy["sigma_rgb"], energy["sigma_xy"], energy["scale"]) == (
+        scd.energy_sigma_rgb, scd.energy_sigma_xy, scd.energy_scale)
+    assert (scd.varm_dilations, scd.varm_iters, scd.varm_w_rgb, scd.varm_w_var) == tuple(
+        _field_defaults(VarmStep).values())
 
 
 def test_one_threshold_grid_for_the_best_and_the_oracle_threshold() -> None:
@@ -250,6 +273,10 @@ def test_paradigm_facts() -> None:
     assert base.transfer.paradigm_info.frozen_teacher and base.transfer.cam_network == "student"
     co = base.replace(**{"transfer.paradigm": "co_training"}).transfer.paradigm_info
     assert co.transfer and not co.frozen_teacher and not co.teacher_cache
+    scd = names.PARADIGMS.get("self_correspondence")
+    assert scd.scd and not scd.transfer and not scd.frozen_teacher and scd.cam_network == "student"
+    both = names.PARADIGMS.get("scd_with_teacher")
+    assert both.scd and both.transfer and both.frozen_teacher and both.teacher_cache
 
 
 @pytest.mark.parametrize(

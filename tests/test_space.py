@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from orchestrator.space import expand, load_space, run_name
-from training.errors import ConfigError
+from training.errors import CheckpointError, ConfigError
 
 SHIPPED = sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml"))
 TINY_BASE = {
@@ -115,3 +115,46 @@ def test_run_names_say_paradigm_metric_level_lambda(tmp_path):
     ts, base = expand(space)
     assert run_name(ts.config, ts.overrides) == "teacher_student · cosine · global · λ=0.5"
     assert base.run_name.startswith("baseline · CNN (resnet50)")
+
+
+def test_the_scd_grid_gives_its_settings_to_the_scd_arms_only():
+    """scd_cpu.yaml: 4 arms × 3 seeds; the CPU-sized SCD settings reach exactly the two SCD arms,
+    whose ids and run names say so; table rows (``arm``) name each paradigm."""
+    from orchestrator.space import arm
+
+    trials = expand(load_space(Path(__file__).parents[1] / "search_spaces" / "scd_cpu.yaml"))
+    assert len(trials) == 12
+    arms = {t.id: arm(t.config) for t in trials}
+    assert sorted(set(arms.values())) == ["baseline_vit", "scd_with_teacher", "self_correspondence", "teacher_student"]
+    for t in trials:
+        uses_scd = t.config.transfer.paradigm in ("self_correspondence", "scd_with_teacher")
+        assert (t.config.scd is not None) is uses_scd
+        if uses_scd:
+            assert (t.config.scd.points, t.config.scd.scale, t.config.scd.warmup_fraction) == (12, 0.5, 0.1)
+            assert t.id.endswith("-scd") and t.run_name.endswith("scd(9 settings)")
+    assert {t.config.train.seed for t in trials} == {42, 43, 44}
+
+
+def test_validate_lists_the_scd_paradigms(capsys):
+    from orchestrator.cli import main
+
+    assert main(["validate", str(Path(__file__).parents[1] / "search_spaces" / "scd_cpu.yaml"), "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "by paradigm: baseline 3, scd_with_teacher 3, self_correspondence 3, teacher_student 3" in out
+    assert "002-seed42-self_correspondence-scd: self_correspondence · ViT (vit_tiny_patch16_224) · seed=42" in out
+    assert "003-seed42-scd_with_teacher-scd: scd_with_teacher · cosine · global · λ=1 · seed=42" in out
+
+
+def test_packaged_weights_names_are_not_checkpoint_files(tmp_path):
+    """`pretrained: efficientnet_lite0_imagenet` names weights a package ships, not a file to look for."""
+    from orchestrator.space import check_checkpoints
+
+    teacher = {"name": "tf_efficientnet_lite0", "pretrained": "efficientnet_lite0_imagenet"}
+    base = TINY_BASE | {"model": {"teacher": teacher}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": base}))
+    check_checkpoints(expand(load_space(path)))  # no error
+    base["model"]["teacher"]["pretrained"] = str(tmp_path / "missing.pth")
+    path.write_text(yaml.safe_dump({"base": base}))
+    with pytest.raises(CheckpointError, match=r"does not exist: model\.teacher\.pretrained=.*missing\.pth"):
+        check_checkpoints(expand(load_space(path)))

@@ -166,3 +166,17 @@ def test_read_tables_unknown_sweep(uri: str):
     SweepTracking.open(uri, "wsss", "known", space={}, description="")
     with pytest.raises(ConfigError, match=r"'unknown'.*known"):
         read_tables(uri, "unknown")
+
+
+def test_tables_pivot_on_the_heads_seg_miou():
+    """Only trials with a segmentation head report seg_miou: the other arms' cells stay missing."""
+    rows = [
+        {"trial_id": "a", "arm": "baseline_vit", "train.seed": 42, "miou": 0.17},
+        {"trial_id": "b", "arm": "self_correspondence", "train.seed": 42, "miou": 0.15, "seg_miou": 0.21},
+        {"trial_id": "c", "arm": "self_correspondence", "train.seed": 43, "miou": 0.16, "seg_miou": 0.25},
+    ]
+    table = pivot(rows, TableSpec(name="seg", rows=("arm",), columns=("train.seed",), value="seg_miou"))
+    assert table.row_keys == (("self_correspondence",),)
+    assert to_markdown(table) == "| arm | 42 | 43 |\n|---|---|---|\n| self_correspondence | 21.00 | 25.00 |\n"
+    cam = pivot(rows, TableSpec(name="cam", rows=("arm",), columns=("train.seed",), value="miou"))
+    assert cam.text(("baseline_vit",), (43,)) == "—"

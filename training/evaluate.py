@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from training.cams import build_cam_method, multiscale_cams_and_logits
 from training.config import CamConfig
-from training.metrics import accuracy, cam_scores, masks_at, miou, subset_accuracy
+from training.metrics import accuracy, cam_scores, masks_at, miou, segmentation_scores, subset_accuracy
 from training.models import Backbone
 from training.shards import CamShard
+
+Segmenter = Callable[[torch.Tensor], torch.Tensor]  # B×3×H×W normalised images → B×2×h×w head logits
 
 
 def _loader(dataset, batch_size: int, num_workers: int = 0, pin: bool = False) -> DataLoader:
@@ -74,6 +78,37 @@ def _resize(cam: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return cam if cam.shape == hw else cv2.resize(cam, hw[::-1], interpolation=cv2.INTER_LINEAR)
 
 
+@torch.no_grad()
+def extract_seg_masks(
+    segment: Segmenter, evalset: EvalSet, device: torch.device, *, batch_size: int, num_workers: int = 0
+) -> list[np.ndarray]:
+    """A segmentation head's smoke masks for every image of ``evalset``, at each image's own size.
+
+    The head's smoke-minus-background logit is resized (bilinearly: to the input size,
+    then to the native size, as the CAMs) and thresholded at 0, which is the argmax of
+    the two resized logits. The caller puts the paradigm in eval mode.
+
+    Args:
+        segment: the paradigm's head (`training.paradigm_base.Paradigm.segment`).
+        evalset: the images and their masks (whose sizes are the native sizes).
+
+    Returns:
+        H×W bool masks, in ``evalset`` order.
+    """
+    margins = []
+    for batch in _loader(evalset.dataset, batch_size, num_workers, device.type == "cuda"):
+        images = batch["image"].to(device, non_blocking=True)
+        logits = segment(images).float()
+        margin = F.interpolate(logits[:, 1:2] - logits[:, :1], images.shape[-2:], mode="bilinear", align_corners=False)
+        margins.extend(margin[:, 0].cpu().numpy())
+    return [_resize(m, g.shape) > 0 for m, g in zip(margins, evalset.gts, strict=True)]
+
+
+def score_segmentation(masks: list[np.ndarray], evalset: EvalSet) -> dict[str, float]:
+    """``seg_miou``, ``seg_miou_per_image`` (and ``seg_context_fp``) of the head's masks."""
+    return segmentation_scores(masks, evalset.gts, evalset.contexts)
+
+
 def score(camset: CamShard, evalset: EvalSet, threshold: float) -> dict[str, float]:
     """Every CAM metric of `training.metrics.cam_scores` for this set, plus the
     accuracy per test subset when the dataset names them (coupled / decoupled)."""
@@ -113,10 +148,16 @@ def overlay(rgb: np.ndarray, cam: np.ndarray, mask: np.ndarray | None = None, *,
     """
     heat = cv2.applyColorMap((np.clip(cam, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
     out = (rgb.astype(np.float32) * (1 - alpha) + heat.astype(np.float32) * alpha).astype(np.uint8)
-    if mask is not None and mask.any():
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        out = np.ascontiguousarray(out)
-        cv2.drawContours(out, contours, -1, (255, 255, 255), 1)
+    return _outline(out, mask)
+
+
+def _outline(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """``image`` (H×W×3 uint8) with the outline of ``mask`` drawn in white."""
+    if mask is None or not mask.any():
+        return image
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = np.ascontiguousarray(image)
+    cv2.drawContours(out, contours, -1, (255, 255, 255), 1)
     return out
 
 
@@ -129,14 +170,32 @@ def gallery_indices(labels: np.ndarray, n: int) -> list[int]:
     return pick(smoke, k_smoke) + pick(clean, min(len(clean), n - k_smoke))
 
 
-def save_gallery(camset: CamShard, evalset: EvalSet, out_dir: Path, n: int) -> list[Path]:
-    """Write ``n`` overlay PNGs (image | CAM overlay side by side)."""
+def mask_overlay(rgb: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = None, *, alpha: float = 0.5) -> np.ndarray:
+    """A predicted mask tinted on its image (magenta), with the ground-truth outline.
+
+    Args:
+        rgb: H×W×3 uint8 RGB. pred: H×W bool. gt: H×W bool or None.
+    Returns:
+        H×W×3 uint8 RGB.
+    """
+    out = rgb.astype(np.float32)
+    out[pred] = out[pred] * (1 - alpha) + np.array([255.0, 0.0, 255.0]) * alpha
+    return _outline(out.astype(np.uint8), gt)
+
+
+def save_gallery(
+    camset: CamShard, evalset: EvalSet, out_dir: Path, n: int, *, seg_masks: list[np.ndarray] | None = None
+) -> list[Path]:
+    """Write ``n`` overlay PNGs side by side: image | CAM overlay (| the head's mask, when given)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in gallery_indices(camset.labels, n):
         rgb, mask, _ = evalset.dataset.load_eval(i)
-        pair = np.concatenate([rgb, overlay(rgb, camset.cams[i], mask)], axis=1)
+        panels = [rgb, overlay(rgb, camset.cams[i], mask)]
+        if seg_masks is not None:
+            panels.append(mask_overlay(rgb, seg_masks[i], mask))
+        pair = np.concatenate(panels, axis=1)
         path = out_dir / f"{camset.ids[i]}.png"
         cv2.imwrite(str(path), pair[..., ::-1])
         paths.append(path)

@@ -64,8 +64,9 @@ def autocast(cfg: TrainConfig, device: torch.device):
 
 
 def make_optimizer(model: Paradigm, cfg: TrainConfig, steps_per_epoch: int):
-    """AdamW with linear warm-up then cosine decay, stepped per batch."""
-    opt = torch.optim.AdamW(model.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW with linear warm-up then cosine decay, stepped per batch; the paradigm's parameter
+    groups keep their learning rates' ratios (SCD's head learns faster)."""
+    opt = torch.optim.AdamW(model.param_groups(cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = int(cfg.warmup_epochs * steps_per_epoch)
 
@@ -104,7 +105,8 @@ def train_epoch(
     epoch: int,
     teacher_features=None,
 ) -> dict[str, float]:
-    """One pass over the training set; returns every loss term averaged.
+    """One pass over the training set; returns every loss term averaged over the steps that
+    report it (SCD's terms start after its warm-up).
 
     Args:
         teacher_features: optional callable ``indices → B×C×h×w`` reading the
@@ -118,8 +120,9 @@ def train_epoch(
     seed_everything(cfg.seed * 1000 + epoch)
     model.train()
     sums: dict[str, float] = {}
-    n = 0
+    counts: dict[str, int] = {}
     for step, batch in enumerate(loader):
+        model.at_step(epoch * len(loader) + step, cfg.epochs * len(loader))
         images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         # cached features are pinned on CUDA, so this copy overlaps the student's forward
         t_fmap = teacher_features(batch[2]).to(device, non_blocking=True) if teacher_features is not None else None
@@ -134,8 +137,8 @@ def train_epoch(
         sched.step()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v
-        n += 1
-    return {k: v / max(n, 1) for k, v in sums.items()}
+            counts[k] = counts.get(k, 0) + 1
+    return {k: v / counts[k] for k, v in sums.items()}
 
 
 def save_state(path: Path, model: Paradigm, opt, sched, epoch: int) -> Path:

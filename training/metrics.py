@@ -409,6 +409,29 @@ def cam_scores(
     return scores
 
 
+def segmentation_scores(
+    preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], contexts: Sequence[np.ndarray | None] | None = None
+) -> dict[str, float]:
+    """A segmentation head's metrics, beside the CAM's: its masks scored like a thresholded CAM.
+
+    Args:
+        preds: H×W bool smoke masks of the head (its argmax), one per image.
+        gts: H×W bool ground-truth masks, same sizes.
+        contexts: H×W bool or None per image, or None; ``seg_context_fp`` is left out
+            when no image has a non-empty context mask.
+
+    Returns:
+        ``seg_miou`` (dataset-level, over images whose gt has smoke), ``seg_miou_per_image``
+        and, with contexts, ``seg_context_fp`` (the share of chimney pixels the head calls smoke).
+    """
+    counter = count_masks(preds, gts)  # images without smoke in the gt are skipped, as for the CAM
+    scores = {"seg_miou": counter.miou, "seg_miou_per_image": counter.miou_per_image}
+    if _has_context(contexts):
+        as_cams = [np.asarray(_as_mask(p, "pred"), dtype=np.float32) for p in preds]
+        scores["seg_context_fp"] = context_false_positive(as_cams, contexts, 0.5)
+    return scores
+
+
 def _as_mask(mask: np.ndarray, name: str) -> np.ndarray:
     """H×W bool view of a bool or 0/1 integer mask; floats are rejected."""
     mask = np.asarray(mask)

@@ -106,6 +106,25 @@ class Backbone(nn.Module):
     def patch(self) -> tuple[int, int]:
         return tuple(self.net.patch_embed.patch_size)
 
+    def forward_with_blocks(
+        self, images: torch.Tensor, blocks: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """One forward pass giving the logits, the last feature map and the maps a dense head reads.
+
+        Args:
+            images: B×3×H×W normalised images.
+            blocks: ViT blocks (0-based) whose token maps to return, each with the final
+                LayerNorm (as `block_maps`); ignored for a CNN, whose last map is returned.
+
+        Returns:
+            (B×K logits, B×C×h×w last features, one B×C×h×w map per block; a CNN: ``[last features]``).
+        """
+        if not self.is_vit:
+            logits, fmap = self(images)
+            return logits, fmap, [fmap]
+        final, maps = self.net.forward_intermediates(images, indices=blocks, norm=True, output_fmt="NCHW")
+        return self.net.forward_head(final), self._patch_map(final, images), maps
+
     def block_maps(self, images: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
         """Feature maps of the given blocks (ViT) or stages (CNN), each B×C×h×w.
 

@@ -200,12 +200,12 @@ def ensure_pretrained(
 
 
 def _built_nets(cfg: TrialConfig) -> tuple[str, ...]:
-    """The networks a trial builds with their ``pretrained`` weights (teacher_student
-    loads its teacher from the teacher's checkpoint instead)."""
+    """The networks a trial builds with their ``pretrained`` weights (a frozen teacher is
+    loaded from the teacher's checkpoint instead; one-network paradigms build only theirs)."""
     t = cfg.transfer
-    if t.paradigm == "baseline":
-        return (t.baseline_network,)
-    return ("student",) if t.paradigm == "teacher_student" else ("teacher", "student")
+    if not t.paradigm_info.transfer:  # baseline, self_correspondence
+        return (t.cam_network,)
+    return ("student",) if t.paradigm_info.frozen_teacher else ("teacher", "student")
 
 
 def resolve_pretrained(cfg: TrialConfig, cache: Path) -> TrialConfig:

@@ -20,7 +20,15 @@ from training.atomic import atomic_path
 from training.config import DataConfig, TrialConfig, config_digest, save_config
 from training.data import EvalDataset, TrainDataset, scan_test, scan_train
 from training.errors import DataError
-from training.evaluate import EvalSet, extract_cams, quick_eval, save_gallery, score
+from training.evaluate import (
+    EvalSet,
+    extract_cams,
+    extract_seg_masks,
+    quick_eval,
+    save_gallery,
+    score,
+    score_segmentation,
+)
 from training.feature_cache import IndexedDataset, TeacherFeatures, cache_enabled, ensure_teacher_features
 from training.loop import (
     configure_threads,
@@ -100,6 +108,7 @@ def teacher_config(cfg: TrialConfig) -> TrialConfig:
             "transfer.paradigm": "baseline",
             "transfer.baseline_network": "teacher",
             "transfer.teacher_checkpoint": "",
+            "scd": None,  # scd_with_teacher's settings are the student's, not the teacher's
             "train.epochs": cfg.train.teacher_epochs,
             "train.lr": cfg.train.teacher_lr,
         }
@@ -243,21 +252,29 @@ def finish_trial(
     """Extract CAMs, write shards and gallery, score, and record the metrics.
 
     With a validation split, its metrics (``val_*``) join the test metrics and its
-    CAMs go to ``val_cams/`` beside ``cams/``, so settings can be re-scored on it.
+    CAMs go to ``val_cams/`` beside ``cams/``, so settings can be re-scored on it. A
+    paradigm with a segmentation head (SCD's) also reports the head's ``seg_miou``,
+    ``seg_miou_per_image`` (and ``val_seg_*``), and its gallery shows the head's mask.
     """
     workers = default_num_workers(device, cfg.data.num_workers)
     camset = extract_cams(model.cam_net, evalset, cfg.cam, device, num_workers=workers)
     write_shards(out.cams, camset.ids, camset.cams, camset.logits, camset.labels, shard_size=cfg.cam.shard_size)
     metrics = score(camset, evalset, cfg.cam.threshold)
+    segment, seg_masks = (model.segment if cfg.transfer.paradigm_info.scd else None), None
+    if segment is not None:
+        model.eval()  # the head's dropout and BatchNorm
+        seg_masks = extract_seg_masks(segment, evalset, device, batch_size=cfg.cam.batch_size, num_workers=workers)
+        metrics |= score_segmentation(seg_masks, evalset)
     if val is not None:
-        val_metrics, val_cams = score_validation(model.cam_net, val, cfg.cam, device, num_workers=workers)
+        val_metrics, val_cams = score_validation(model.cam_net, val, cfg.cam, device, num_workers=workers,
+                                                 segment=segment)
         metrics |= val_metrics
         if val_cams is not None:
             c = val_cams
             write_shards(out.val_cams, c.ids, c.cams, c.logits, c.labels, shard_size=cfg.cam.shard_size)
     out.write_metrics(metrics)
     tracker.log_metrics(metrics, step=cfg.train.epochs)
-    for path in save_gallery(camset, evalset, out.gallery, cfg.cam.gallery):
+    for path in save_gallery(camset, evalset, out.gallery, cfg.cam.gallery, seg_masks=seg_masks):
         tracker.log_artifact(path, out.gallery.name)  # the run mirrors the folder: gallery/
     tracker.log_artifact(out.config, None)
     tracker.log_artifact(out.metrics, None)

@@ -26,7 +26,15 @@ from torch.utils.data import DataLoader
 from training.config import CamConfig, DataConfig
 from training.data import MASK_SUFFIX, EvalDataset, EvalItem, TrainDataset, scan_train
 from training.errors import ConfigError, DataError
-from training.evaluate import EvalSet, extract_cams, quick_eval, score
+from training.evaluate import (
+    EvalSet,
+    Segmenter,
+    extract_cams,
+    extract_seg_masks,
+    quick_eval,
+    score,
+    score_segmentation,
+)
 from training.metrics import accuracy
 from training.models import Backbone
 from training.shards import CamShard
@@ -169,13 +177,21 @@ def quick_validation(net: Backbone, val: Validation, cam: CamConfig, device: tor
 
 
 def score_validation(
-    net: Backbone, val: Validation, cfg: CamConfig, device: torch.device, *, num_workers: int = 0
+    net: Backbone,
+    val: Validation,
+    cfg: CamConfig,
+    device: torch.device,
+    *,
+    num_workers: int = 0,
+    segment: Segmenter | None = None,
 ) -> tuple[dict[str, float], CamShard | None]:
     """Final validation metrics, named ``val_<metric>``, and the validation CAMs.
 
     With masks: every metric of `training.evaluate.score` (``val_miou``,
     ``val_miou_per_image``, ``val_oracle_miou``, ``val_context_activation``…) over the
-    scored images; ``val_accuracy`` always counts every held-out image.
+    scored images, and with a segmentation head (``segment``, the paradigm in eval mode)
+    its ``val_seg_miou``, ``val_seg_miou_per_image``, ``val_seg_context_fp``;
+    ``val_accuracy`` always counts every held-out image.
 
     Returns:
         (metrics, the scored images' CamShard or None).
@@ -186,6 +202,10 @@ def score_validation(
         camset = extract_cams(net, val.scored, cfg, device, num_workers=num_workers)
         if _has_smoke(val.scored):
             metrics = score(camset, val.scored, cfg.threshold)
+            if segment is not None:
+                masks = extract_seg_masks(segment, val.scored, device, batch_size=cfg.batch_size,
+                                          num_workers=num_workers)
+                metrics |= score_segmentation(masks, val.scored)
         parts.append((accuracy(camset.logits, camset.labels), len(camset.ids)))
     metrics["accuracy"] = _pooled_accuracy(parts + _unscored_part(net, val, device, cfg.batch_size))
     return {f"val_{k}": v for k, v in sorted(metrics.items())}, camset

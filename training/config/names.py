@@ -38,6 +38,9 @@ class ParadigmInfo:
             (``train.teacher_cache``); only a frozen teacher allows it.
         cam_network: the network whose CAMs are evaluated, ``student`` or
             ``teacher``; empty when ``transfer.baseline_network`` names it.
+        scd: trains with Self Correspondence Distillation's terms and segmentation head
+            (`training.scd`): the ``scd`` section applies, and the trial reports the
+            head's ``seg_miou`` beside the CAM's ``miou``.
     """
 
     summary: str
@@ -45,6 +48,7 @@ class ParadigmInfo:
     frozen_teacher: bool
     teacher_cache: bool
     cam_network: str
+    scd: bool = False
 
 
 PARADIGMS: Registry[ParadigmInfo] = Registry.of("paradigm", {
@@ -59,6 +63,16 @@ PARADIGMS: Registry[ParadigmInfo] = Registry.of("paradigm", {
     "co_training": ParadigmInfo(
         "both networks learn BCE(student) + BCE(teacher) + λ·L_transfer",
         transfer=True, frozen_teacher=False, teacher_cache=False, cam_network="student",
+    ),
+    "self_correspondence": ParadigmInfo(
+        "SCD (Xu et al., AAAI 2023), no teacher: the student learns BCE + a segmentation head on VARM-refined "
+        "CAM pseudo labels + correspondence distillation and scale equivariance between two views (scd section)",
+        transfer=False, frozen_teacher=False, teacher_cache=False, cam_network="student", scd=True,
+    ),
+    "scd_with_teacher": ParadigmInfo(
+        "self_correspondence + λ·L_transfer against a frozen CNN teacher, as teacher_student (ours: the two "
+        "methods together)",
+        transfer=True, frozen_teacher=True, teacher_cache=True, cam_network="student", scd=True,
     ),
 })  # fmt: skip
 NETWORKS = ("student", "teacher")  # the two networks of model: (transfer.baseline_network picks one)

@@ -63,6 +63,9 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return dict(value)
     if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(members) == 1 and dataclasses.is_dataclass(members[0]):  # an optional section (scd)
+            return None if value is None else from_dict(members[0], value, path)
         return value
     return _scalar(hint, value, path)
 

@@ -97,6 +97,27 @@ class SamParams:
 _NOT_IN_KEY = frozenset({"device", "points_per_batch"})
 
 
+# ---------------------------------------------------------------- neighbourhood propagation (PAR, VARM)
+
+PROPAGATION_DILATIONS = (1, 2, 4, 8, 12, 24)  # AFA, ToCo and SCD all build PAR / VARM with these
+PROPAGATION_ITERS = 10  # propagation steps (AFA's COCO script uses 15)
+
+
+def check_dilations(dilations: Any) -> tuple[int, ...]:
+    """Return ``dilations`` as a tuple, or raise ConfigError unless they are positive integers."""
+    values = tuple(dilations) if isinstance(dilations, (list, tuple)) else None
+    if not values or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in values):
+        raise ConfigError(f"dilations: expected a non-empty list of integers ≥ 1, got {dilations!r}")
+    return values
+
+
+def check_iters(iters: Any) -> int:
+    """Return ``iters``, or raise ConfigError unless it is an integer ≥ 0."""
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ConfigError(f"iters: expected an integer ≥ 0 (propagation steps), got {iters!r}")
+    return iters
+
+
 # ---------------------------------------------------------------- steps
 
 
@@ -190,6 +211,69 @@ class CrfStep:
         return recipe | given | {"scale": self.scale}
 
 
+@STEPS.register("varm")
+@dataclass(frozen=True)
+class VarmStep:
+    """image, cam → the CAM refined by VARM, SCD's variation-aware propagation
+    (`postproc.varm.varm_refine_np`, weights normalised so the CAM stays in [0, 1]).
+
+    It refines the CAM, not a mask: the steps after it (``crf``, ``threshold``, another
+    propagation) read the refined CAM, and a pipeline ending with it thresholds it at
+    the trial's ``cam.threshold``.
+    """
+
+    starts_from_cam: ClassVar[bool] = True
+    refines_cam: ClassVar[bool] = True
+    uses_gpu: ClassVar[bool] = False
+    dilations: tuple[int, ...] = PROPAGATION_DILATIONS  # neighbourhood radii, px
+    iters: int = PROPAGATION_ITERS  # propagation steps, ≥ 0
+    w_rgb: float = 0.25  # colour kernel width in units of the local colour deviation (SCD: |ΔI|/σ · 4), > 0
+    w_var: float = 0.01  # weight of the local-variation penalty (SCD's w2), in [0, 1)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dilations", check_dilations(self.dilations))  # a YAML list → a tuple
+        check_varm_params(dilations=self.dilations, iters=self.iters, w_rgb=self.w_rgb, w_var=self.w_var)
+
+
+def check_varm_params(*, dilations: Any, iters: Any, w_rgb: Any, w_var: Any) -> None:
+    """Raise ConfigError, naming the parameter, for any out-of-range VARM setting."""
+    check_dilations(dilations)
+    check_iters(iters)
+    check_range("w_rgb", w_rgb, low=0.0, low_open=True)
+    # w_var ≥ 1 would make the weights sum to ≤ 0 and the propagation meaningless
+    check_range("w_var", w_var, low=0.0, high=1.0, high_open=True)
+
+
+@STEPS.register("par")
+@dataclass(frozen=True)
+class ParStep:
+    """image, cam → the CAM refined by PAR, AFA's pixel-adaptive propagation
+    (`postproc.par.par_refine_np`, weights normalised); a CAM refinement like `VarmStep`."""
+
+    starts_from_cam: ClassVar[bool] = True
+    refines_cam: ClassVar[bool] = True
+    uses_gpu: ClassVar[bool] = False
+    dilations: tuple[int, ...] = PROPAGATION_DILATIONS  # neighbourhood radii, px
+    iters: int = PROPAGATION_ITERS  # propagation steps, ≥ 0
+    w_rgb: float = 0.3  # colour kernel width in units of the local colour deviation (AFA's w1), > 0
+    w_pos: float = 0.01  # weight of the position kernel (AFA's w2), ≥ 0
+    pos_temperature: float = 0.3  # position kernel width in units of the distance deviation (AFA reuses w1), > 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dilations", check_dilations(self.dilations))
+        check_par_params(dilations=self.dilations, iters=self.iters, w_rgb=self.w_rgb, w_pos=self.w_pos,
+                         pos_temperature=self.pos_temperature)
+
+
+def check_par_params(*, dilations: Any, iters: Any, w_rgb: Any, w_pos: Any, pos_temperature: Any) -> None:
+    """Raise ConfigError, naming the parameter, for any out-of-range PAR setting."""
+    check_dilations(dilations)
+    check_iters(iters)
+    check_range("w_rgb", w_rgb, low=0.0, low_open=True)
+    check_range("w_pos", w_pos, low=0.0)
+    check_range("pos_temperature", pos_temperature, low=0.0, low_open=True)
+
+
 @STEPS.register("regions")
 @dataclass(frozen=True)
 class RegionsStep:
@@ -264,6 +348,8 @@ def parse_fields(cls: type, params: Mapping[str, Any], what: str) -> Any:
 
 
 def _format_value(name: str, value: Any) -> str:
+    if isinstance(value, (list, tuple)):  # dilations: [1, 2, 4] and (1, 2, 4) name the same setting
+        return "[" + " ".join(_format_value(name, v) for v in value) + "]"
     if name == "checkpoint" and isinstance(value, (str, os.PathLike)):
         return os.path.basename(os.fspath(value))  # keys must not depend on the machine
     if isinstance(value, bool):
@@ -339,8 +425,8 @@ def parse_pipeline(entries: Iterable[Mapping[str, Any] | StepSpec]) -> list[tupl
 
     Raises:
         ConfigError: not a list, an unknown step or field, a bad value, or a step
-            that starts from the CAM (``threshold``, ``crf``) after the first
-            position; the message names ``pipeline[i]`` and the field.
+            that starts from the CAM (``threshold``, ``crf``, ``varm``, ``par``) after
+            a step that made a mask; the message names ``pipeline[i]`` and the field.
     """
     if isinstance(entries, (Mapping, str)) or not isinstance(entries, Iterable):
         raise ConfigError(f"pipeline: expected a list of steps, got {entries!r}")
@@ -349,10 +435,14 @@ def parse_pipeline(entries: Iterable[Mapping[str, Any] | StepSpec]) -> list[tupl
         where = f"pipeline[{index}]"
         spec = entry if isinstance(entry, StepSpec) else StepSpec.from_dict(entry, where=where)
         step = spec.typed(where=where)
-        if step.starts_from_cam and index > 0:
+        # CAM refinements (varm, par) hand a CAM on; any other step makes a mask that a step
+        # reading the CAM would discard
+        made_mask = [s.name for s, earlier in steps if not getattr(earlier, "refines_cam", False)]
+        if step.starts_from_cam and made_mask:
             raise ConfigError(
-                f"{where}: step {spec.name!r} starts again from the CAM and would "
-                "discard the steps before it; it may only be the first step"
+                f"{where}: step {spec.name!r} starts again from the CAM and would discard the mask of "
+                f"{made_mask[-1]!r} before it; it may only be the first step or follow CAM refinements "
+                f"({', '.join(n for n in STEPS.names() if getattr(STEPS.get(n), 'refines_cam', False))})"
             )
         steps.append((spec, step))
     return steps

@@ -34,6 +34,7 @@ from training.config.parse import (
     set_dotted,
 )
 from training.config.pretrain import check_pretrain_ref, is_pretrain_ref
+from training.config.scd import SCDConfig
 from training.errors import ConfigError
 
 
@@ -156,9 +157,14 @@ class TrialConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cam: CamConfig = field(default_factory=CamConfig)
+    # Self Correspondence Distillation's settings: only for paradigms whose facts say scd, which get the
+    # paper's defaults when the section is left out; None (written `scd: null`) for every other paradigm
+    scd: SCDConfig | None = None
 
     def __post_init__(self) -> None:
         check_tree(self)
+        if self.scd is None and self.transfer.paradigm_info.scd:
+            object.__setattr__(self, "scd", SCDConfig())  # frozen: the resolved config names every setting
         self.check()
 
     @property
@@ -170,6 +176,7 @@ class TrialConfig:
         """Rules across sections, decided from the name tables' facts (nothing is built)."""
         self._check_cam_network()
         self._check_teacher_target()
+        self._check_scd()
 
     def _check_cam_network(self) -> None:
         net, role = self.cam_net, self.transfer.cam_network
@@ -199,6 +206,27 @@ class TrialConfig:
                 f"model.proj_channels: transfer.teacher_target {t.teacher_target!r} has {channels} channels, so "
                 f"the student's projection needs {channels}, got {self.model.proj_channels}; set "
                 f"model.proj_channels: {channels} or transfer.teacher_target: projection"
+            )
+
+    def _check_scd(self) -> None:
+        t = self.transfer
+        if not t.paradigm_info.scd:
+            if self.scd is not None:
+                changed = [f.name for f in dataclasses.fields(SCDConfig) if getattr(self.scd, f.name) !=
+                           getattr(SCDConfig, f.name)]
+                where = f"scd.{changed[0]}" if changed else "scd"
+                using = ", ".join(n for n in names.PARADIGMS if names.PARADIGMS.get(n).scd)
+                raise ConfigError(
+                    f"{where}: SCD settings apply only to transfer.paradigm {using}; this trial's paradigm is "
+                    f"{t.paradigm!r}; remove the scd section (or set it to null) or change the paradigm"
+                )
+            return
+        net, role = self.cam_net, t.cam_network
+        if net.is_vit and net.head != "avg":
+            raise ConfigError(
+                f"model.{role}.head: {t.paradigm} needs a backbone whose feature map gives its logit (SCD's CAMs, "
+                f"pseudo labels and correspondence target are its classifier applied at every position), but "
+                f"{net.name} with head {net.head!r} classifies from its class token; set model.{role}.head: avg"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from training.config.scd import SCDConfig
 from training.errors import ConfigError
 
-POINTS = 40  # P: P×P points per view (SCD's feature_samples)
+POINTS = SCDConfig.points  # P: P×P points per view (SCD's feature_samples)
 NORM_EPS = 1e-10  # SCD's F.normalize eps
 
 

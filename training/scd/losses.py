@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from training.config.scd import SCDConfig
+
 IGNORE_INDEX = 255
 ENERGY_WEIGHT = 1e-7  # DenseEnergyLoss(weight=...) in SCD, before the total loss's own 0.01
-ENERGY_SIGMA_RGB = 15.0  # colour deviation of the energy's Gaussian kernel, 0–255 units
-ENERGY_SIGMA_XY = 100.0  # its spatial deviation in full-resolution pixels
-ENERGY_SCALE = 0.5  # the energy is computed on the maps resized by this factor
+ENERGY_SIGMA_RGB = SCDConfig.energy_sigma_rgb  # colour deviation of the energy's Gaussian kernel, 0–255 units
+ENERGY_SIGMA_XY = SCDConfig.energy_sigma_xy  # its spatial deviation in full-resolution pixels
+ENERGY_SCALE = SCDConfig.energy_scale  # the energy is computed on the maps resized by this factor
 EXP_FLOOR = 80.0  # kernel entries below e^-80 are taken as e^-80
 ENERGY_CHUNK = 1 << 24  # pixel-affinity entries held at once (64 MiB in float32)
 
