@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from training.atomic import atomic_write_bytes
 from training.cams import build_cam_method, multiscale_cams_and_logits
 from training.config import CamConfig
 from training.metrics import accuracy, cam_scores, masks_at, miou, subset_accuracy
@@ -147,6 +148,7 @@ def save_gallery(camset: CamSet, evalset: EvalSet, out_dir: Path, n: int) -> lis
         rgb, mask, _ = evalset.dataset.load_eval(i)
         pair = np.concatenate([rgb, overlay(rgb, camset.cams[i], mask)], axis=1)
         path = out_dir / f"{camset.ids[i]}.png"
-        cv2.imwrite(str(path), pair[..., ::-1])
+        # cv2.imwrite only returns False on a full disk; encoded here, the write raises StorageFull
+        atomic_write_bytes(path, cv2.imencode(".png", pair[..., ::-1])[1].tobytes())
         paths.append(path)
     return paths

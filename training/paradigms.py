@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.atomic import write_torch
 from training.config import TrialConfig, names
 from training.errors import CheckpointError, ConfigError
 from training.losses import build_transfer_loss
@@ -231,7 +232,7 @@ def build_paradigm(cfg: TrialConfig, teacher_checkpoint: str | None = None) -> P
 
 def save_net_checkpoint(net: Backbone, path, *, meta: dict) -> None:
     """Write a backbone's weights and a small metadata dict (loadable with weights_only)."""
-    torch.save({"format": "wsss-net", "meta": meta, "state_dict": net.net.state_dict()}, path)
+    write_torch({"format": "wsss-net", "meta": meta, "state_dict": net.net.state_dict()}, path)  # full disk: ENOSPC
 
 
 def load_own_checkpoint(net: Backbone, path) -> None:
