@@ -171,7 +171,7 @@ def run_refine(args) -> int:
     if not space.refine:
         raise ConfigError(f"{space_file}: no `refine:` section; pass --space with one")
     tracking = SweepTracking.find(_tracking_uri(args.tracking_uri), args.name)
-    with RaySession(args.address) as ray:
+    with sweep.lock(), RaySession(args.address) as ray:  # not beside a driver of the same sweep
         ray.start()
         tables = refine_sweep(space.refine, sweep, tracking, trials=args.trials)
     for title, text in tables.items():

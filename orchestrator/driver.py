@@ -78,7 +78,8 @@ def run_sweep(
     sweep = SweepDir.of(storage, name)
     trials = plan(space, sweep, tracking_uri)
     prepared = None
-    with RaySession(address, num_cpus) as ray:
+    # One driver per sweep (the lock refuses a second one, naming the first); Ray inside it.
+    with sweep.lock(), RaySession(address, num_cpus) as ray:
         try:
             pending = not sweep.status().settled  # diverged trials are not retried: they would diverge again
             if pending:  # Ray, and the cluster checked, before any training (teachers train in prepare)
