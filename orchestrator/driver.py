@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.cluster import RaySession, check_cluster
+from orchestrator.cluster import NodeWatch, RaySession, check_cluster
 from orchestrator.offline import sync_trials, tracking_errors
 from orchestrator.space import SearchSpace, TrialSpec, check_checkpoints, expand
 from orchestrator.sweep_dir import SweepDir, SweepStatus
@@ -86,7 +86,8 @@ def run_sweep(
                 check_cluster(ray.start().nodes(), space.resources, storage_is_shared=storage_is_shared)
             prepared = prepare(space, name, sweep, tracking_uri, trials)
             if pending:
-                run_trials(space, prepared.trials, prepared.context)
+                with NodeWatch(space.resources, sweep=name, nodes=ray.nodes):  # a lost node: wait, then stop
+                    run_trials(space, prepared.trials, prepared.context)
             outcome = settle(space, name, prepared)
             if outcome.complete and space.refine:
                 outcome.tables |= refine(space, prepared, ray)
