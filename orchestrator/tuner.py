@@ -20,10 +20,11 @@ from training.registry import Registry
 SCHEDULERS: Registry = Registry("scheduler", names=names.SCHEDULERS)  # scheduler.type → Tune scheduler
 
 
-def run_trials(space: SearchSpace, trials: list[TrialSpec], ctx: SweepContext) -> None:
+def run_trials(space: SearchSpace, trials: list[TrialSpec], ctx: SweepContext):
     """Run (or, after an interruption, restore and go on with) the trials not finished on disk.
 
-    Returns when every trial has ended, or early on Ctrl-C / SIGTERM, with Tune's
+    Returns Tune's results (a ``ResultGrid``: each trial's error, if it ended in
+    one) when every trial has ended, or early on Ctrl-C / SIGTERM, with Tune's
     state saved in the sweep's ``tune/`` folder for the next run.
     """
     from ray import tune
@@ -39,7 +40,7 @@ def run_trials(space: SearchSpace, trials: list[TrialSpec], ctx: SweepContext) -
             trainable, param_space=_param_space(pending), tune_config=_tune_config(space),
             run_config=_run_config(space, ctx),
         )  # fmt: skip
-    tuner.fit()
+    return tuner.fit()
 
 
 def _param_space(trials: list[TrialSpec]) -> dict[str, Any]:
