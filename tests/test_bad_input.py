@@ -165,6 +165,7 @@ def _space(tmp_path: Path, **sections) -> Path:
         ({"grid": {"transfer.lam": [0.5, -1.0]}}, r"transfer\.lam: expected λ ≥ 0, got -1\.0"),
         ({"set": {"cam.scales": []}}, r"cam\.scales: expected at least one scale, got \[\]"),
         ({"resources": {"gpu": 1.5}}, r"resources\.gpu: a fraction is only allowed below 1 .*got 1\.5"),
+        ({"resources": {"wait_for_node_s": -1}}, r"resources\.wait_for_node_s: expected seconds ≥ 0, got -1"),
         ({"set": {"cam.method": "gradcamm"}}, r"cam\.method: unknown CAM method .*did you mean \"gradcam\""),
         (
             {"set": {"transfer.teacher_checkpoint": "/no/such/teacher.pt"}},
@@ -215,7 +216,8 @@ def _space(tmp_path: Path, **sections) -> Path:
     ],
     ids=[
         "unknown-section", "unknown-key", "unknown-paradigm", "metric-level", "negative-lambda", "empty-scales",
-        "gpu-fraction", "unknown-cam", "missing-teacher", "missing-pretrained", "refine-unknown-step",
+        "gpu-fraction", "negative-node-wait", "unknown-cam", "missing-teacher", "missing-pretrained",
+        "refine-unknown-step",
         "refine-unknown-field", "refine-bad-value", "refine-bad-sam-value", "weight-cam-with-token-head",
         "token-head-on-a-cnn", "target-channels", "unknown-teacher-target", "unknown-normalisation",
         "unknown-crf-recipe",
