@@ -42,7 +42,8 @@ def restarted(tmp_path_factory, synth_root) -> dict:
     uri = up(services, ports=ports, ray=False, timeout=600)["mlflow"].url  # ~20 s; far more on a loaded machine
     seen["uri"] = uri
     args = ("sweep", "restart.yaml", "--tracking-uri", uri, "--num-cpus", "2")
-    env = fault_env("hold:001-cut:1+2")
+    # A dead server refuses at once (no retries); a live but loaded one gets 60 s per request, not fault_env's 5.
+    env = fault_env("hold:001-cut:1+2") | {"MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
     try:
         sweep = _wsss(folder, *args, env=env)
         _wait_for(lambda: held_marker(trial, 1).exists(), sweep, timeout=400)
