@@ -9,10 +9,13 @@ pure check of the cluster's nodes against what the sweep asks for.
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,13 +126,86 @@ def check_cluster(nodes: Sequence[Mapping[str, Any]], want: Resources, *, storag
             "would write where the driver cannot read. Mount shared storage (NFS) on every node, point "
             "--storage at it and pass --storage-is-shared"
         )
+    if not fits(nodes, want):
+        raise ClusterError(f"resources: {no_node_fits(nodes, want)}; no trial could ever start")
+
+
+def fits(nodes: Sequence[Mapping[str, Any]], want: Resources) -> bool:
+    """Whether some node of ``nodes`` (as in `check_cluster`) is big enough for one trial."""
+    return any(want.cpu <= n["Resources"].get("CPU", 0) and want.gpu <= n["Resources"].get("GPU", 0) for n in nodes)
+
+
+def no_node_fits(nodes: Sequence[Mapping[str, Any]], want: Resources) -> str:
+    """What a user reads when no node is big enough: what a trial asks for, what the nodes offer."""
     best_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
     best_gpu = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
-    if want.cpu > best_cpu or want.gpu > best_gpu:
-        raise ClusterError(
-            f"resources: each trial asks for cpu={want.cpu}, gpu={want.gpu}, but the largest node has "
-            f"cpu={best_cpu:g}, gpu={best_gpu:g}; no trial could ever start"
-        )
+    return (f"each trial asks for cpu={want.cpu:g}, gpu={want.gpu:g}, but the largest of the {len(nodes)} live "
+            f"node(s) has cpu={best_cpu:g}, gpu={best_gpu:g}")  # fmt: skip
+
+
+class NodeWatch:
+    """While Tune runs: notice when no live node can hold a trial any more, wait, then stop.
+
+    A trial whose node is lost is retried by Tune, and waits for a node big
+    enough; if the lost node was the only one (the only GPU node, say), Tune
+    would wait silently forever. This watch says so at once, waits up to
+    ``resources.wait_for_node_s`` for such a node to join (or come back), and
+    then stops the sweep the way Ctrl-C does: Tune saves its state, the driver
+    closes the runs and prints the command that resumes.
+
+    Args:
+        want: what each trial asks for (its ``wait_for_node_s`` is the timeout).
+        sweep: the sweep's name, for messages.
+        nodes: returns the live nodes (`RaySession.nodes`).
+        poll_s: seconds between two looks at the nodes.
+        stream: where the messages go (default stderr).
+        stop: stops the sweep (default: Ctrl-C in the main thread, so Tune's own handler saves its state).
+    """
+
+    def __init__(self, want: Resources, *, sweep: str, nodes, poll_s: float = 2.0, stream=None, stop=None) -> None:
+        self.want, self.sweep, self.nodes, self.poll_s = want, sweep, nodes, poll_s
+        self.stream = stream
+        self.stop = stop or (lambda: _thread.interrupt_main(signal.SIGINT))
+        self.gave_up: str | None = None  # why the sweep was stopped, once it was
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="node-watch", daemon=True)
+
+    def __enter__(self) -> NodeWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(timeout=self.poll_s + 5)
+
+    def _say(self, text: str) -> None:
+        print(f"sweep {self.sweep}: {text}", file=self.stream or sys.stderr, flush=True)
+
+    def _watch(self) -> None:
+        since = None  # when the cluster last stopped fitting a trial
+        while not self._done.wait(self.poll_s):
+            try:
+                nodes = self.nodes()
+            except Exception:  # Ray itself going away ends the sweep anyway; nothing to say here
+                continue
+            if fits(nodes, self.want):
+                if since is not None:
+                    self._say("a node that can hold a trial is live again; the sweep goes on")
+                since = None
+                continue
+            now = time.monotonic()
+            if since is None:
+                since = now
+                self._say(
+                    f"waiting: no live node can hold a trial now ({no_node_fits(nodes, self.want)}); was a node "
+                    f"lost? Waiting up to {self.want.wait_for_node_s:g} s (resources.wait_for_node_s) for one to "
+                    "join, then the sweep stops, its state saved, to resume with the same command"
+                )
+            elif now - since >= self.want.wait_for_node_s:
+                self.gave_up = f"no live node could hold a trial for {self.want.wait_for_node_s:g} s"
+                self._say(f"{self.gave_up} (resources.wait_for_node_s): stopping the sweep")
+                self.stop()
+                return
 
 
 def job_cluster() -> str | None:

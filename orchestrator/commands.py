@@ -194,7 +194,7 @@ def run_refine(args) -> int:
     if not space.refine:
         raise ConfigError(f"{space_file}: no `refine:` section; pass --space with one")
     tracking = SweepTracking.find(_tracking_uri(args.tracking_uri), args.name)
-    with RaySession(args.address, verbose=args.verbose) as ray:
+    with sweep.lock(), RaySession(args.address, verbose=args.verbose) as ray:  # not beside a driver of the same sweep
         ray.start()
         tables = refine_sweep(space.refine, sweep, tracking, trials=args.trials, progress=is_terminal(sys.stderr))
     for title, text in tables.items():

@@ -25,12 +25,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.cluster import RaySession, check_cluster
+from orchestrator.cluster import NodeWatch, RaySession, check_cluster
 from orchestrator.console import EpochLines, SweepConsole, duration, showing
 from orchestrator.offline import sync_trials, tracking_errors
 from orchestrator.space import SearchSpace, TrialSpec, check_checkpoints, expand
 from orchestrator.sweep_dir import SweepDir, SweepStatus
-from orchestrator.tracking import SweepTracking, TrackingUnavailable, check_reachable, store_exists
+from orchestrator.tracking import TRIAL_TAG, SweepTracking, TrackingUnavailable, check_reachable, store_exists
 from orchestrator.trainable import SweepContext, load_trial_hooks
 from orchestrator.tuner import run_trials
 from training.errors import ConfigError, WsssError
@@ -49,6 +49,7 @@ class SweepOutcome:
     sweep: SweepDir
     status: SweepStatus
     tables: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # trial id → why Tune gave up on it (this run)
 
     @property
     def complete(self) -> bool:
@@ -84,16 +85,20 @@ def run_sweep(
     trials = plan(space, sweep, tracking_uri)
     console = sweep_console(name, trials, sweep)
     prepared = None
-    with RaySession(address, num_cpus, verbose=verbose) as ray:
+    # One driver per sweep (the lock refuses a second one, naming the first); Ray inside it.
+    with sweep.lock(), RaySession(address, num_cpus, verbose=verbose) as ray:
         try:
             pending = not sweep.status().settled  # diverged trials are not retried: they would diverge again
             if pending:  # Ray, and the cluster checked, before any training (teachers train in prepare)
                 check_cluster(ray.start().nodes(), space.resources, storage_is_shared=storage_is_shared)
             prepared = prepare(space, name, sweep, tracking_uri, trials, console)
+            errors = {}
             if pending:
-                with showing(console):
-                    run_trials(space, prepared.trials, prepared.context, verbose=verbose)
+                # NodeWatch: a lost node makes the sweep wait with a message, then stop
+                with showing(console), NodeWatch(space.resources, sweep=name, nodes=ray.nodes):
+                    errors = trial_errors(run_trials(space, prepared.trials, prepared.context, verbose=verbose))
             outcome = settle(space, name, prepared)
+            outcome.errors = {t: e for t, e in errors.items() if t not in outcome.status.finished}
             if outcome.complete and space.refine:
                 outcome.tables |= refine(space, prepared, ray, console)
             summarise(space, name, prepared, outcome)
@@ -148,8 +153,23 @@ def prepare(
     for cfg in {t.config.data for t in trials}:
         prepare_data(cfg, cache)
     status = sweep.status()
+    _note_orphans(tracking, name)
     run_ids = {t.id: _child(tracking, t, {*status.finished, *status.failed}) for t in trials}
     return Prepared(trials, SweepContext(sweep, tracking, run_ids, str(cache)))
+
+
+def _note_orphans(tracking: SweepTracking, name: str) -> None:
+    """Say which runs a driver that died (SIGKILL, a lost login node) left RUNNING.
+
+    This driver holds the sweep's lock, so no trial of the sweep runs now: a
+    RUNNING run is an orphan. Each is reused by its trial (one run per trial,
+    its epochs logged once) and ends FINISHED or FAILED with it, or KILLED if
+    this run is interrupted too.
+    """
+    orphans = sorted(r.data.tags.get(TRIAL_TAG, "?") for r in tracking.child_runs() if r.info.status == "RUNNING")
+    if orphans:
+        print(f"sweep {name}: {len(orphans)} MLflow run(s) left RUNNING by a driver that did not close them "
+              f"(killed?): {', '.join(orphans)}; each is reused by its trial", file=sys.stderr)  # fmt: skip
 
 
 def _with_teachers(trials: list[TrialSpec], sweep: SweepDir, cache: Path, console: SweepConsole) -> list[TrialSpec]:
@@ -233,6 +253,17 @@ def refine(space: SearchSpace, ctx: Prepared, ray: RaySession, console: SweepCon
     return tables
 
 
+def trial_errors(results) -> dict[str, str]:
+    """Trial id → the error Tune gave up on it with (its last attempt's), from ``Tuner.fit``'s results."""
+    errors = {}
+    for result in results:
+        if result.error is not None:
+            cause = getattr(result.error, "cause", None) or result.error  # a RayTaskError wraps the trial's own
+            text = str(cause).strip() or type(cause).__name__
+            errors[Path(result.path).name] = f"{type(cause).__name__}: {text.splitlines()[0][:500]}"
+    return errors
+
+
 def summarise(space: SearchSpace, name: str, ctx: Prepared, outcome: SweepOutcome) -> None:
     """The parent run's description and best metrics in MLflow (what the UI shows first)."""
     from orchestrator.summary import describe_sweep
@@ -283,6 +314,9 @@ def print_outcome(outcome: SweepOutcome, *, command: str, stream=None) -> None:
           f"{len(status.failed)} failed", file=stream)  # fmt: skip
     for trial_id in status.failed:
         print(f"failed: {trial_id}: {outcome.sweep.failure_reason(trial_id)}", file=stream)
+    for trial_id, error in outcome.errors.items():  # failed this run, every retry spent; a rerun tries again
+        if trial_id not in status.failed:
+            print(f"error: {trial_id}: {error}", file=stream)
     if not status.settled:
         print(f"UNFINISHED: resume with\n  {command}", file=stream)
     print(f"outputs in {outcome.sweep.root}", file=stream)

@@ -150,7 +150,7 @@ def sync_trials(sweep: SweepDir, tracking: SweepTracking, trials: dict[str, dict
 
 def _sync_one(trial: TrialDir, tracking: SweepTracking, run, record: dict[str, Any]) -> bool:
     run_id = run.info.run_id
-    tracker = tracking.tracker(run_id)
+    tracker = tracking.trial_tracker(run_id)  # what reached MLflow before the server went away is not logged twice
     sent = replay(trial.journal, tracker)
     if sent:
         previous = int(run.data.tags.get(REPLAYED_TAG, 0))

@@ -268,6 +268,26 @@ def actor_options(kind: str) -> dict[str, Any]:
     return {"num_cpus": 1, "num_gpus": 0, "max_restarts": 0, "runtime_env": hide_gpus, "scheduling_strategy": "SPREAD"}
 
 
+def actor_capacity(nodes: Sequence[Mapping[str, Any]], kind: str, *, gpu_actors: int = 0) -> int:
+    """How many refinement actors of ``kind`` the nodes hold (`actor_options`: 1 CPU each, +1 GPU for GPU ones).
+
+    Args:
+        nodes: live nodes, each with ``Resources`` as ``ray.nodes()`` gives them.
+        kind: ``cpu`` or ``gpu``.
+        gpu_actors: GPU actors of the pool, whose CPU a CPU actor cannot have.
+    """
+    per_node = [(int(n["Resources"].get("CPU", 0)), int(n["Resources"].get("GPU", 0))) for n in nodes]
+    if kind == GPU:
+        return sum(min(cpu, gpu) for cpu, gpu in per_node)
+    return max(0, sum(cpu for cpu, _ in per_node) - gpu_actors)
+
+
+def _live_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
 @dataclass
 class _Slot:
     """One actor place of the pool; the actor is (re)created when work is handed to it."""
@@ -286,7 +306,11 @@ class _Dispatcher:
 
         self.units, self.queues, self.max_retries, self.bar = units, queues, max_retries, bar
         self.worker_cls = ray.remote(RefineWorker)
-        self.slots = [_Slot(kind) for kind, n in sizes.items() for _ in range(min(n, len(queues[kind])))]
+        # No more actors than the live nodes hold: one that could never start would keep its unit forever.
+        nodes, wanted = _live_nodes(), {kind: min(n, len(queues[kind])) for kind, n in sizes.items()}
+        held = {GPU: actor_capacity(nodes, GPU)}
+        held[CPU] = actor_capacity(nodes, CPU, gpu_actors=min(wanted[GPU], held[GPU]))
+        self.slots = [_Slot(kind) for kind, n in wanted.items() for _ in range(min(n, held[kind]) or n)]
         self.in_flight: dict[Any, tuple[_Slot, int]] = {}
         self.attempts = {index: 0 for queue in queues.values() for index in queue}
         self.replies: dict[int, dict[str, Any]] = {}
@@ -332,6 +356,7 @@ class _Dispatcher:
                 reply = {"status": DONE}
             elif self.attempts[index] <= self.max_retries:
                 self.queues[slot.kind].appendleft(index)
+                self._shrink(slot)
                 return
             else:
                 first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -339,10 +364,30 @@ class _Dispatcher:
                 reply = {"status": FAILED, "error": died}
         except ray.exceptions.RayTaskError as err:
             reply = {"status": FAILED, "error": str(err)}
+        self._record(index, reply)
+
+    def _record(self, index: int, reply: dict[str, Any]) -> None:
         self.replies[index] = reply
         self.images += reply.get("images", 0)
         self.bar.update(1)
         self.bar.set_postfix_str(f"{self.images / (time.perf_counter() - self.start):.2f} images/s")
+
+    def _shrink(self, slot: _Slot) -> None:
+        """After an actor died: drop its slot if the live nodes no longer hold every actor of its kind.
+
+        Its node may have been lost. Its unit is requeued for the actors left;
+        when none of its kind is left, the units queued for that kind fail, named.
+        """
+        same = [s for s in self.slots if s.kind == slot.kind]
+        gpu_actors = sum(s.kind == GPU for s in self.slots)
+        if len(same) <= actor_capacity(_live_nodes(), slot.kind, gpu_actors=gpu_actors):
+            return
+        self.slots.remove(slot)
+        if len(same) == 1:
+            queue = self.queues[slot.kind]
+            while queue:
+                self._record(queue.popleft(), {"status": FAILED, "error": f"no live node can hold a {slot.kind} "
+                                               "refinement actor any more (was its node lost?)"})  # fmt: skip
 
     def _retire(self, slot: _Slot) -> None:
         import ray

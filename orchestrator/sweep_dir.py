@@ -11,6 +11,7 @@ so the layout is written down once, here::
     <storage>/<name>/refine.json     the last complete refinement: its section, trials, tables, nodes
     <storage>/<name>/reruns/<id>.yaml  a trial's config as written for ``wsss trial --from-sweep``
     <storage>/<name>/done.json       written when every trial has finished
+    <storage>/<name>/driver.lock     who runs the sweep now (`orchestrator.sweep_lock`)
 
 What a trial's state is (finished, diverged, still to run) is read from the
 disk, never from Tune or MLflow: the folder is the record that survives them.
@@ -27,6 +28,7 @@ from typing import Any
 import yaml
 
 from orchestrator.space import SearchSpace, TrialSpec, arm
+from orchestrator.sweep_lock import SweepLock
 from orchestrator.tracking import flatten
 from training.atomic import atomic_write_json, atomic_write_text
 from training.config import TrialConfig, from_dict
@@ -89,6 +91,18 @@ class SweepDir:
     @property
     def done_file(self) -> Path:
         return self.root / "done.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "driver.lock"
+
+    def lock(self, **options: Any) -> SweepLock:
+        """The sweep's one-driver lock, to hold in a ``with`` block (`SweepLock` takes ``options``).
+
+        Raises (on entering):
+            SweepLocked: another live driver runs this sweep.
+        """
+        return SweepLock(self.lock_file, self.root.name, **options)
 
     def trial(self, trial_id: str) -> TrialDir:
         return TrialDir(self.root / "trials" / trial_id)

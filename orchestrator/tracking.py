@@ -170,7 +170,7 @@ class _LazyClient:
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_client"}
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}  # the client, caches
 
 
 def _log_new_params(client, run_id: str, params: Mapping[str, Any]) -> None:
@@ -193,11 +193,16 @@ class MlflowTracker(_LazyClient):
     Args:
         uri: tracking URI.
         run_id: the run every call writes into (a trial's, or a sweep's parent run).
+        once_per_step: log a metric at a step the run already has a point for no
+            more (a trial's run: see `SweepTracking.trial_tracker`).
     """
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    _steps: dict[str, set[int] | None] | None = None  # once_per_step: metric → logged steps (None: not read yet)
+
+    def __init__(self, uri: str, run_id: str, *, once_per_step: bool = False) -> None:
         super().__init__(uri)
         self.run_id = run_id
+        self.once_per_step = once_per_step
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params (nested dicts flattened to dotted keys); keys already present are kept."""
@@ -207,10 +212,25 @@ class MlflowTracker(_LazyClient):
         """Log all ``metrics`` at ``step`` (0 when None) in one ``log_batch`` request."""
         from mlflow.entities import Metric
 
+        step = step or 0
+        if self.once_per_step:
+            metrics = {k: v for k, v in metrics.items() if step not in self._logged_steps(k)}
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=batch[start : start + MAX_METRICS_PER_BATCH])
+        if self.once_per_step:
+            for key in metrics:
+                self._logged_steps(key).add(step)
+
+    def _logged_steps(self, key: str) -> set[int]:
+        """The steps ``key`` has points at in the run, read once (the run's keys first: one call when new)."""
+        if self._steps is None:
+            self._steps = dict.fromkeys(self.client.get_run(self.run_id).data.metrics)
+        if self._steps.get(key) is None:
+            had = key in self._steps
+            self._steps[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)} if had else set()
+        return self._steps[key]
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file (or a folder's contents) under ``artifact_path``."""
@@ -362,6 +382,18 @@ class SweepTracking(_LazyClient):
     def tracker(self, run_id: str) -> MlflowTracker:
         """A picklable ``Tracker`` writing into ``run_id`` (sharing this object's client, if it has one)."""
         tracker = MlflowTracker(self.uri, run_id)
+        tracker._client = self._client
+        return tracker
+
+    def trial_tracker(self, run_id: str) -> MlflowTracker:
+        """The ``Tracker`` of a trial's run: each metric is logged once per step.
+
+        A trial resumed from an earlier checkpoint (after a crash, a lost node, a
+        killed driver) trains the epochs after it again, bit for bit, and its
+        journal may hold calls that reached MLflow just before the server went
+        away; the run keeps one point per epoch either way.
+        """
+        tracker = MlflowTracker(self.uri, run_id, once_per_step=True)
         tracker._client = self._client
         return tracker
 

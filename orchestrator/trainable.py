@@ -46,6 +46,9 @@ class TrialHooks:
     no arguments in each trial's process) overrides the ones it needs.
     """
 
+    def trial_started(self, trial_id: str, trial: TrialDir) -> None:
+        """Called when the trial (or a retry of it) starts, its folder made, before it trains."""
+
     def tracker(self, trial_id: str, tracker: MlflowTracker) -> MlflowTracker:
         """The MLflow tracker the trial writes through (before it is journaled)."""
         return tracker
@@ -98,8 +101,9 @@ def sweep_trainable(config: dict[str, Any], context: SweepContext) -> None:
         return  # the driver's `sync` closes its run
     trial.create()
     hooks = load_trial_hooks()
+    hooks.trial_started(trial_id, trial)
     run_id = context.run_ids[trial_id]  # created by the driver, never by racing trials
-    tracker = JournalingTracker(hooks.tracker(trial_id, context.tracking.tracker(run_id)), trial.journal)
+    tracker = JournalingTracker(hooks.tracker(trial_id, context.tracking.trial_tracker(run_id)), trial.journal)
     tracker.set_status("RUNNING")  # a retried or restored trial reopens its run
     tracker.set_tags(_placement())
     checkpoint = tune.get_checkpoint()

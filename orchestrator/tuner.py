@@ -20,10 +20,11 @@ from training.registry import Registry
 SCHEDULERS: Registry = Registry("scheduler", names=names.SCHEDULERS)  # scheduler.type → Tune scheduler
 
 
-def run_trials(space: SearchSpace, trials: list[TrialSpec], ctx: SweepContext, *, verbose: bool = False) -> None:
+def run_trials(space: SearchSpace, trials: list[TrialSpec], ctx: SweepContext, *, verbose: bool = False):
     """Run (or, after an interruption, restore and go on with) the trials not finished on disk.
 
-    Returns when every trial has ended, or early on Ctrl-C / SIGTERM, with Tune's
+    Returns Tune's results (a ``ResultGrid``: each trial's error, if it ended in
+    one) when every trial has ended, or early on Ctrl-C / SIGTERM, with Tune's
     state saved in the sweep's ``tune/`` folder for the next run. Tune's own
     reporter is silent unless ``verbose``; its trial events reach the active
     `orchestrator.console` either way. A restored sweep keeps the verbosity and
@@ -45,7 +46,7 @@ def run_trials(space: SearchSpace, trials: list[TrialSpec], ctx: SweepContext, *
             run_config=_run_config(space, ctx, verbose=verbose),
         )  # fmt: skip
     with tune_output(verbose):
-        tuner.fit()
+        return tuner.fit()
 
 
 def _param_space(trials: list[TrialSpec]) -> dict[str, Any]:

@@ -15,14 +15,28 @@ with these kinds:
 - ``tracking_down:<id>``: the trial's MLflow calls go to a dead server (nothing
   listens on the port), so its very first call fails as it would mid-sweep.
   Set ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` too, or MLflow retries for minutes.
+- ``hold:<id>:<epoch>[+<epoch>...]``: right after that epoch's checkpoint reached
+  Tune, the trial writes ``.held-<epoch>`` in its folder (its Ray node id and
+  pid inside) and waits until the test creates ``.release-<epoch>`` beside it,
+  so a test can cause a fault at a known point of a running trial (remove its
+  node, stop the MLflow server, kill the driver, fill the disk). A retry finds
+  the marker and does not hold again.
+- ``storage_full:<id>:<epoch>``: after that epoch the trial's disk is "full":
+  every later ``torch.save`` of the trial (its next checkpoint) fails with
+  ENOSPC, in its retries too, until the test frees the space by deleting
+  ``.injected-disk-full`` from the trial folder (a write hook, so that it runs
+  on machines where a test may not mount a small filesystem).
 
 `fault_env` builds that environment.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import socket
+import time
 from pathlib import Path
 
 from orchestrator.tracking import MlflowTracker
@@ -31,8 +45,20 @@ from training.errors import ConfigError
 from training.trial_dir import TrialDir
 
 FAULT_ENV = "WSSS_FAULT_INJECT"
-FAULT_KINDS = ("crash_once", "tracking_down")
+FAULT_KINDS = ("crash_once", "tracking_down", "hold", "storage_full")
 CRASH_MARKER = ".injected-crash_once"
+DISK_FULL_MARKER = ".injected-disk-full"
+HOLD_TIMEOUT_S = 600.0
+
+
+def held_marker(trial: Path, epoch: int) -> Path:
+    """What a held trial writes once it holds after ``epoch`` (JSON: its node id and pid)."""
+    return Path(trial) / f".held-{epoch}"
+
+
+def release(trial: Path, epoch: int) -> None:
+    """Let a trial held after ``epoch`` go on."""
+    (Path(trial) / f".release-{epoch}").touch()
 
 
 def fault_env(faults: str) -> dict[str, str]:
@@ -65,18 +91,55 @@ class FaultHooks(TrialHooks):
     def __init__(self) -> None:
         self.faults = parse_faults(os.environ.get(FAULT_ENV, ""))
 
+    def trial_started(self, trial_id: str, trial: TrialDir) -> None:
+        if (trial.path / DISK_FULL_MARKER).exists():  # a retry: the disk is still full
+            _fill_the_disk(trial.path)
+
     def tracker(self, trial_id: str, tracker: MlflowTracker) -> MlflowTracker:
         if "tracking_down" not in self.faults.get(trial_id, {}):
             return tracker
         return MlflowTracker(f"http://127.0.0.1:{_free_port()}", tracker.run_id)
 
     def epoch_reported(self, trial_id: str, trial: TrialDir, epoch: int) -> None:
-        if self.faults.get(trial_id, {}).get("crash_once") != str(epoch):
+        faults = self.faults.get(trial_id, {})
+        if str(epoch) in faults.get("hold", "").split("+"):
+            _hold(trial.path, epoch)
+        if faults.get("storage_full") == str(epoch) and not (trial.path / DISK_FULL_MARKER).exists():
+            (trial.path / DISK_FULL_MARKER).touch()
+            _fill_the_disk(trial.path)
+        if faults.get("crash_once") != str(epoch):
             return
         marker = trial.path / CRASH_MARKER
         if not marker.exists():  # the retry must not crash again
             marker.touch()
             raise RuntimeError(f"injected crash after epoch {epoch} ({FAULT_ENV})")
+
+
+def _hold(trial: Path, epoch: int) -> None:
+    marker = held_marker(trial, epoch)
+    if marker.exists():  # a retry (its node lost, its driver killed) goes on
+        return
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    marker.write_text(json.dumps({"node_id": node, "pid": os.getpid()}))
+    deadline = time.monotonic() + HOLD_TIMEOUT_S
+    while not (trial / f".release-{epoch}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _fill_the_disk(trial: Path) -> None:
+    """While ``trial``'s marker exists, this process's ``torch.save`` fails as on a full disk."""
+    import torch
+
+    save = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        if (trial / DISK_FULL_MARKER).exists():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(obj, f, *args, **kwargs)
+
+    torch.save = full
 
 
 def _free_port() -> int:

@@ -173,6 +173,7 @@ def _space(tmp_path: Path, **sections) -> Path:
         ({"grid": {"transfer.lam": [0.5, -1.0]}}, r"transfer\.lam: expected λ ≥ 0, got -1\.0"),
         ({"set": {"cam.scales": []}}, r"cam\.scales: expected at least one scale, got \[\]"),
         ({"resources": {"gpu": 1.5}}, r"resources\.gpu: a fraction is only allowed below 1 .*got 1\.5"),
+        ({"resources": {"wait_for_node_s": -1}}, r"resources\.wait_for_node_s: expected seconds ≥ 0, got -1"),
         ({"set": {"cam.method": "gradcamm"}}, r"cam\.method: unknown CAM method .*did you mean \"gradcam\""),
         (
             {"set": {"transfer.teacher_checkpoint": "/no/such/teacher.pt"}},
@@ -223,7 +224,8 @@ def _space(tmp_path: Path, **sections) -> Path:
     ],
     ids=[
         "unknown-section", "unknown-key", "unknown-paradigm", "metric-level", "negative-lambda", "empty-scales",
-        "gpu-fraction", "unknown-cam", "missing-teacher", "missing-pretrained", "refine-unknown-step",
+        "gpu-fraction", "negative-node-wait", "unknown-cam", "missing-teacher", "missing-pretrained",
+        "refine-unknown-step",
         "refine-unknown-field", "refine-bad-value", "refine-bad-sam-value", "weight-cam-with-token-head",
         "token-head-on-a-cnn", "target-channels", "unknown-teacher-target", "unknown-normalisation",
         "unknown-crf-recipe",
@@ -323,10 +325,10 @@ IMPOSSIBLE_CLUSTERS = [
     (
         [{"CPU": 2.0}],
         {"cpu": 4},
-        r"resources: each trial asks for cpu=4\.0, gpu=0\.0, but the largest node has cpu=2, gpu=0; "
+        r"resources: each trial asks for cpu=4, gpu=0, but the largest of the 1 live node\(s\) has cpu=2, gpu=0; "
         r"no trial could ever start",
     ),
-    ([{"CPU": 8.0}], {"cpu": 1, "gpu": 1}, r"largest node has cpu=8, gpu=0"),
+    ([{"CPU": 8.0}], {"cpu": 1, "gpu": 1}, r"largest of the 1 live node\(s\) has cpu=8, gpu=0"),
     (
         [{"CPU": 8.0}, {"CPU": 8.0}],
         {"cpu": 1},
@@ -345,6 +347,14 @@ def test_check_cluster_refuses_what_could_never_run(nodes, resources, expected):
     """The pure check, on node descriptions shaped like ``ray.nodes()``'s."""
     with pytest.raises(ClusterError, match=expected):
         check_cluster([{"Resources": r} for r in nodes], _resources(**resources), storage_is_shared=False)
+
+
+def test_check_cluster_wants_one_node_with_both_the_cpus_and_the_gpu():
+    """8 CPUs on one node and a GPU on another hold no trial of cpu=2, gpu=1: a trial runs on one node."""
+    nodes = [{"Resources": {"CPU": 1.0, "GPU": 1.0}}, {"Resources": {"CPU": 8.0}}]
+    with pytest.raises(ClusterError, match=r"asks for cpu=2, gpu=1, but the largest of the 2 live node\(s\) has "
+                                           r"cpu=8, gpu=1; no trial could ever start"):  # fmt: skip
+        check_cluster(nodes, _resources(cpu=2, gpu=1), storage_is_shared=True)
 
 
 @pytest.mark.parametrize(

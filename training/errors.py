@@ -46,6 +46,10 @@ class TrainingDiverged(WsssError):
     """The loss became NaN or infinite; the trial cannot continue."""
 
 
+class StorageFull(WsssError):
+    """A file could not be written: its filesystem is full (or over quota). The previous file is intact."""
+
+
 def did_you_mean(name: str, valid: Iterable[str]) -> str:
     """Return ' (did you mean "x"?)' for the closest valid name, or ''."""
     close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)

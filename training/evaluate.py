@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from training.atomic import atomic_write_bytes
 from training.cams import build_cam_method, multiscale_cams_and_logits
 from training.config import CamConfig
 from training.metrics import accuracy, cam_scores, masks_at, miou, segmentation_scores, subset_accuracy
@@ -197,6 +198,7 @@ def save_gallery(
             panels.append(mask_overlay(rgb, seg_masks[i], mask))
         pair = np.concatenate(panels, axis=1)
         path = out_dir / f"{camset.ids[i]}.png"
-        cv2.imwrite(str(path), pair[..., ::-1])
+        # cv2.imwrite only returns False on a full disk; encoded here, the write raises StorageFull
+        atomic_write_bytes(path, cv2.imencode(".png", pair[..., ::-1])[1].tobytes())
         paths.append(path)
     return paths

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from training.atomic import atomic_path
+from training.atomic import atomic_path, write_torch
 from training.config import TrainConfig
 from training.errors import CheckpointError, ConfigError, TrainingDiverged
 from training.paradigms import Paradigm
@@ -146,8 +146,8 @@ def save_state(path: Path, model: Paradigm, opt, sched, epoch: int) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch}
-    with atomic_path(path / STATE_FILE) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path / STATE_FILE) as tmp:  # a full disk: StorageFull, the previous state intact
+        write_torch(state, tmp)
     return path
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.atomic import write_torch
 from training.config import NetConfig
 from training.config.names import check_pretrained, pretrained_kind
 from training.errors import CheckpointError, ConfigError, did_you_mean
@@ -282,7 +283,7 @@ def save_backbone_checkpoint(net: nn.Module, path: Path, *, meta: dict) -> None:
     classes means nothing to a trial), plus a small metadata dict."""
     head = classifier_keys(net)
     weights = {k: v for k, v in net.state_dict().items() if k not in head}
-    torch.save({"format": BACKBONE_FORMAT, "meta": meta, "state_dict": weights}, path)
+    write_torch({"format": BACKBONE_FORMAT, "meta": meta, "state_dict": weights}, path)  # full disk: OSError (ENOSPC)
 
 
 def _load_backbone(net: nn.Module, weights: dict[str, torch.Tensor], path: Path, *, is_vit: bool) -> None:

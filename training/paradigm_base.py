@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.atomic import write_torch
 from training.config import TrialConfig
 from training.errors import CheckpointError, ConfigError
 from training.losses import build_transfer_loss
@@ -184,7 +185,7 @@ def build_frozen_teacher(cfg: TrialConfig, checkpoint: str | None) -> Backbone:
 
 def save_net_checkpoint(net: Backbone, path, *, meta: dict) -> None:
     """Write a backbone's weights and a small metadata dict (loadable with weights_only)."""
-    torch.save({"format": "wsss-net", "meta": meta, "state_dict": net.net.state_dict()}, path)
+    write_torch({"format": "wsss-net", "meta": meta, "state_dict": net.net.state_dict()}, path)  # full disk: ENOSPC
 
 
 def load_own_checkpoint(net: Backbone, path) -> None:

@@ -35,14 +35,22 @@ _BOUNDED_SAMPLERS = ("uniform", "loguniform", "randint")  # take [low, high]
 
 @dataclass(frozen=True)
 class Resources:
-    """Per-trial resources; fractional GPUs (≤ 1) pack small trials on one GPU."""
+    """Per-trial resources; fractional GPUs (≤ 1) pack small trials on one GPU.
+
+    ``wait_for_node_s``: how long a sweep waits when no live node can hold a
+    trial any more (the only node big enough was lost) before it stops, its
+    state saved, to be resumed with the same command.
+    """
 
     cpu: float = 1.0
     gpu: float = 0.0
+    wait_for_node_s: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.cpu > 0:
             raise ConfigError(f"resources.cpu: expected > 0, got {self.cpu}")
+        if not self.wait_for_node_s >= 0:
+            raise ConfigError(f"resources.wait_for_node_s: expected seconds ≥ 0, got {self.wait_for_node_s}")
         if self.gpu < 0:
             raise ConfigError(f"resources.gpu: expected ≥ 0, got {self.gpu}")
         if self.gpu > 1 and self.gpu != int(self.gpu):

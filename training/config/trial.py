@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from training.atomic import atomic_write_text
 from training.config import names
 from training.config.data import DataConfig
 from training.config.net import NetConfig
@@ -258,4 +259,4 @@ def load_trial_config(path: Path, overrides: list[str] | dict[str, Any] = ()) ->
 
 def save_config(cfg: TrialConfig, path: Path) -> None:
     """Write the resolved config as YAML (the file `wsss trial` can read back)."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
