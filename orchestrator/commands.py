@@ -122,8 +122,9 @@ def _our_pair(cfg) -> tuple[str, str] | None:
 
 def run_sweep_command(args) -> int:
     from orchestrator.launch import check_job_outputs, print_outcome, require_space_match, run_sweep
+    from orchestrator.reading import read_result
     from orchestrator.space import load_space
-    from orchestrator.sweep import sweep_root
+    from orchestrator.sweep import result_rows, sweep_root
 
     check_job_outputs(args.storage, bool(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
     space = load_space(args.space, args.overrides)
@@ -147,6 +148,7 @@ def run_sweep_command(args) -> int:
     print_outcome(outcome, command=command)
     if outcome.complete:
         print(f"\n{_browse_hint(uri, name)}")
+    print(f"\n{read_result(result_rows(outcome.root))}", end="")  # the finding, last
     return 0 if outcome.complete else 3
 
 
