@@ -133,8 +133,9 @@ def check_checkpoints(trials: list[TrialSpec]) -> None:
 
 def _checkpoint_paths(cfg: TrialConfig) -> list[tuple[str, str]]:
     paths = [(f"model.{net}.pretrained", getattr(cfg.model, net).pretrained) for net in ("teacher", "student")]
-    # `pretrain:` references are checked when the config is built, and trained on first use
-    paths = [(k, v) for k, v in paths if v.lower() not in ("true", "false") and not v.startswith("pretrain:")]
+    # only files: `pretrain:` references and registered weights names are checked when the config
+    # is built (the named file ships inside an installed package), true/false name no file
+    paths = [(k, v) for k, v in paths if names.pretrained_kind(v) == "file"]
     if cfg.transfer.teacher_checkpoint:
         paths.append(("transfer.teacher_checkpoint", cfg.transfer.teacher_checkpoint))
     return paths
