@@ -42,7 +42,7 @@ def refine_sweep(
     rows = sw.result_rows(root)
     if not rows:
         raise ConfigError(f"{root}: no finished trial to refine yet")
-    chosen = select_trials(rows, trials or section.trials)
+    chosen = select_trials(rows, trials or section.trials, metric=section.rank_by)
     units = make_units({t: root / "trials" / t for t in chosen}, section.pipelines)
     results = refine_units(
         units,
