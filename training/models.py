@@ -104,7 +104,8 @@ class Backbone(nn.Module):
 
     @property
     def patch(self) -> tuple[int, int]:
-        return tuple(self.net.patch_embed.patch_size)
+        """Pixels per token (h, w): the patch size, times the stem's stride for a hybrid ViT (a conv stem)."""
+        return tuple(self.net.patch_embed.feat_ratio(as_scalar=False))
 
     def block_maps(self, images: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
         """Feature maps of the given blocks (ViT) or stages (CNN), each B×C×h×w.
