@@ -43,6 +43,7 @@ from training.metrics import cam_scores, miou
 from training.models import Backbone, pcm_refine, tokens_to_map
 from training.paradigms import build_paradigm
 from training.trial import prepare_data
+from training.trial_dir import TrialDir
 from training.validation import load_validation
 
 
@@ -128,9 +129,10 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, help="another state.pt of the trial (e.g. an earlier epoch's copy)")
     args = ap.parse_args()
     configure_threads(args.threads)
-    cfg = load_trial_config(args.trial / "config.yaml")
+    trial = TrialDir(args.trial)
+    cfg = load_trial_config(trial.config)
     model = build_paradigm(cfg)
-    state = torch.load(args.checkpoint or args.trial / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
+    state = torch.load(args.checkpoint or trial.state, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     net = model.cam_net.eval()
     val = load_validation(cfg.data, prepare_data(cfg.data))

@@ -29,6 +29,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from training.trial_dir import TrialDir
+
 
 def make_trial(folder: Path, *, size: int, images: int, shards: int, seed: int = 0) -> Path:
     """A trial folder with ``config.yaml`` and CAM shards over a synthetic test split."""
@@ -39,10 +41,10 @@ def make_trial(folder: Path, *, size: int, images: int, shards: int, seed: int =
 
     synth = SynthConfig(size=size, n_train=2, n_test=images, smoke_fraction=0.5, seed=seed)
     data = generate(synth, folder / "data")
-    trial = folder / "trial"
-    trial.mkdir()
+    trial = TrialDir(folder / "trial")
+    trial.path.mkdir()
     save_config(TrialConfig(name="bench", data=DataConfig(root=str(data), synth=synth, image_size=size)),
-                trial / "config.yaml")
+                trial.config)
     rng = np.random.default_rng(seed)
     items = scan_test(data)
     cams = []
@@ -51,9 +53,9 @@ def make_trial(folder: Path, *, size: int, images: int, shards: int, seed: int =
         cam = cv2.GaussianBlur(gt, (0, 0), size / 32) + rng.normal(0, 0.15, gt.shape)
         cams.append(np.clip(cam, 0, 1).astype(np.float32))
     labels = np.ones(len(items), np.int64)
-    write_shards(trial / "cams", [i.id for i in items], cams, labels.astype(np.float32), labels,
+    write_shards(trial.cams, [i.id for i in items], cams, labels.astype(np.float32), labels,
                  shard_size=-(-len(items) // shards))
-    return trial
+    return trial.path
 
 
 def time_fanout(units: list, actors: int) -> dict[str, float]:
@@ -65,7 +67,7 @@ def time_fanout(units: list, actors: int) -> dict[str, float]:
     start = time.perf_counter()
     reference = refine_reference(units)
     loop = time.perf_counter() - start
-    shutil.rmtree(units[0].trial_dir / "refine")
+    shutil.rmtree(TrialDir(units[0].trial_dir).refine)
     start = time.perf_counter()
     ray.init(address="local", num_cpus=actors, include_dashboard=False, object_store_memory=200_000_000,
              log_to_driver=False)  # fmt: skip
@@ -103,7 +105,7 @@ def time_crf(trial: Path, *, iters: int, rounds: int, n_images: int) -> dict[str
     from training.data import read_image, scan_test
     from training.shards import read_all
 
-    shard = read_all(trial / "cams")
+    shard = read_all(TrialDir(trial).cams)
     images = {i.id: read_image(i.image) for i in scan_test(data_root(trial))}
     ours, bare = [], []
     for n in range(rounds):

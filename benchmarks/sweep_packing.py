@@ -5,7 +5,7 @@ baseline; only ``train.seed`` differs, so every trial does the same work):
 
 1. runs each trial alone, one after the other, with one torch thread
    (``training.trial.run_trial``): their sum is the serial work;
-2. runs the same grid as a sweep (``orchestrator.launch.run_sweep``) on a fresh local Ray
+2. runs the same grid as a sweep (``orchestrator.driver.run_sweep``) on a fresh local Ray
    with ``--slots`` CPUs and ``resources: {cpu: 1}`` (one thread per trial), MLflow in a
    sqlite file, and times it end to end, ``ray.init`` and shutdown included.
 
@@ -35,10 +35,10 @@ import yaml
 from _common import machine, trial_config
 
 
-def tune_trial_seconds(root: Path) -> dict[str, float]:
+def tune_trial_seconds(sweep) -> dict[str, float]:
     """Each trial's own wall time inside the sweep (Tune's time_total_s of its last result)."""
     out = {}
-    for result in (root / "tune").glob("*/result.json"):
+    for result in sweep.tune.glob("*/result.json"):
         lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         if lines:
             out[result.parent.name] = lines[-1]["time_total_s"]
@@ -74,8 +74,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="wsss-packing-"))
     os.environ["WSSS_CACHE"] = str(tmp / "cache")
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    import orchestrator.launch as launch
-    from orchestrator.launch import run_sweep
+    from orchestrator import cluster, driver
+    from orchestrator.driver import run_sweep
     from orchestrator.space import load_space
     from training.tracker import RecordingTracker
     from training.trial import load_splits, prepare_data, run_trial
@@ -100,15 +100,15 @@ def main() -> None:
         "resources": {"cpu": 1, "gpu": 0}, "max_failures": 0,
     }))  # fmt: skip
     space = load_space(space_file)
-    phases = time_phases(launch, ["_init_ray", "_fit", "_outcome"])
-    prep = time_phases(launch.sw, ["prepare"])
+    phases = time_phases(cluster, ["start_ray"])
+    prep = time_phases(driver, ["prepare", "run_trials", "settle"])
     start = time.perf_counter()
     outcome = run_sweep(space, name="packing", storage=tmp / "runs", tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
                         num_cpus=args.slots)  # fmt: skip
     wall = time.perf_counter() - start
     if not outcome.complete:
-        raise SystemExit(f"sweep incomplete: {len(outcome.finished)}/{outcome.total} trials finished")
-    inside = tune_trial_seconds(outcome.root)
+        raise SystemExit(f"sweep incomplete: {len(outcome.status.finished)}/{outcome.status.total} trials finished")
+    inside = tune_trial_seconds(outcome.sweep)
 
     ideal = sum(alone) / args.slots
     ideal_inside = sum(inside.values()) / args.slots

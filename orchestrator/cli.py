@@ -122,15 +122,16 @@ def run_pretrain_command(args) -> int:
     from training.config.pretrain import load_pretrain_config
     from training.pretrain import ensure_pretrained, pretrained_path
     from training.trial import cache_root
+    from training.trial_dir import TrialDir
 
     cfg = load_pretrain_config(args.config, args.overrides)
     if args.preview:
         _save_corpus_preview(cfg.corpus, args.preview)
     cached = pretrained_path(cfg, cache_root()).is_file()
     path = ensure_pretrained(cfg, cache_root())
-    metrics = path.with_suffix("") / "metrics.json"
-    if metrics.is_file():
-        print(metrics.read_text().strip())
+    run = TrialDir(path.with_suffix(""))
+    if run.finished():
+        print(run.metrics.read_text().strip())
     print(f"pre-trained backbone{' (cached)' if cached else ''}: {path}")
     ref = f"pretrain:{args.config}" if not args.overrides else str(path)
     print(f"use it in a trial of this network: model.student.pretrained={ref} (or model.teacher.pretrained=...)")

@@ -121,16 +121,16 @@ def _our_pair(cfg) -> tuple[str, str] | None:
 
 
 def run_sweep_command(args) -> int:
-    from orchestrator.launch import check_job_outputs, print_outcome, require_space_match, run_sweep
-    from orchestrator.reading import read_result
+    from orchestrator.cluster import check_job_outputs
+    from orchestrator.driver import print_outcome, require_sweep, run_sweep
     from orchestrator.space import load_space
-    from orchestrator.sweep import result_rows, sweep_root
+    from orchestrator.sweep_dir import SweepDir
 
     check_job_outputs(args.storage, bool(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
     space = load_space(args.space, args.overrides)
     name = args.name or space.name
     if args.resume:
-        require_space_match(sweep_root(args.storage, name))
+        require_sweep(SweepDir.of(args.storage, name))
     command = shlex.join(["wsss", *sys.argv[1:]]) if sys.argv[1:] else "wsss sweep ..."
     try:
         outcome = run_sweep(
@@ -148,7 +148,7 @@ def run_sweep_command(args) -> int:
     print_outcome(outcome, command=command)
     if outcome.complete:
         print(f"\n{_browse_hint(uri, name)}")
-    print(f"\n{read_result(result_rows(outcome.root))}", end="")  # the finding, last
+    print(f"\n{outcome.reading}", end="")  # the finding, last
     return 0 if outcome.complete else 3
 
 
@@ -160,24 +160,21 @@ def _browse_hint(uri: str, name: str) -> str:
 
 
 def run_refine(args) -> int:
-    import ray
-
-    from orchestrator.launch import _init_ray
+    from orchestrator.cluster import RaySession
     from orchestrator.refine_sweep import refine_sweep
     from orchestrator.space import load_space
-    from orchestrator.sweep import sweep_root
+    from orchestrator.sweep_dir import SweepDir
     from orchestrator.tracking import SweepTracking
 
-    root = sweep_root(args.storage, args.name)
-    space = load_space(args.space or root / "space.yaml")
+    sweep = SweepDir.of(args.storage, args.name)
+    space_file = args.space or sweep.space_file
+    space = load_space(space_file)
     if not space.refine:
-        raise ConfigError(f"{args.space or root / 'space.yaml'}: no `refine:` section; pass --space with one")
+        raise ConfigError(f"{space_file}: no `refine:` section; pass --space with one")
     tracking = SweepTracking.find(_tracking_uri(args.tracking_uri), args.name)
-    _init_ray(args.address, None, root)
-    try:
-        tables = refine_sweep(space.refine, root, tracking, trials=args.trials)
-    finally:
-        ray.shutdown()
+    with RaySession(args.address) as ray:
+        ray.start()
+        tables = refine_sweep(space.refine, sweep, tracking, trials=args.trials)
     for title, text in tables.items():
         print(f"## {title}\n\n{text}\n")
     return 0
@@ -211,25 +208,11 @@ def resolve_sweep_trial(name: str, trial_id: str | None, storage: Path | None) -
     Returns:
         (config path, teacher checkpoint or None).
     """
-    import json
+    from orchestrator.sweep_dir import SweepDir
 
-    import yaml
-
-    from orchestrator.sweep import load_trials, sweep_root
-
-    root = sweep_root(storage or Path("runs"), name)
-    trials = load_trials(root)
-    if trial_id not in trials:
-        from training.errors import did_you_mean
-
-        raise ConfigError(
-            f"--trial {trial_id!r}: not in sweep {name}{did_you_mean(trial_id or '', trials)}; "
-            f"trials: {', '.join(trials)}"
-        )
-    out = root / "reruns" / f"{trial_id}.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(json.loads(json.dumps(trials[trial_id]["config"])), sort_keys=False))
-    return out, trials[trial_id]["config"]["transfer"]["teacher_checkpoint"] or None
+    sweep = SweepDir.of(storage or Path("runs"), name)
+    out = sweep.write_rerun_config(trial_id)
+    return out, sweep.load_trials()[trial_id]["config"]["transfer"]["teacher_checkpoint"] or None
 
 
 # ---------------------------------------------------------------- services

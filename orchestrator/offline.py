@@ -4,7 +4,7 @@ A trial must never fail, nor lose a result, because the tracking server is
 down. `JournalingTracker` writes through to MLflow while the server answers.
 After the first failed call it stops trying (a call to a dead server can block
 for minutes in MLflow's own retries) and appends every later call to
-``unsynced.jsonl`` in the trial's folder. The trial's results are on disk anyway
+``unsynced.jsonl`` in the trial's folder (`TrialDir.journal`). The trial's results are on disk anyway
 (``metrics.json``, ``config.yaml``, ``gallery/``).
 
 The driver calls `sync_trials` before it builds the tables: at the end of every
@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from orchestrator.sweep_dir import SweepDir
 from orchestrator.tracking import TRIAL_TAG, MlflowTracker, SweepTracking
-from training.shards import atomic_write_text
+from training.atomic import atomic_write_text
+from training.trial_dir import TrialDir
 
 log = logging.getLogger(__name__)
 
-JOURNAL = "unsynced.jsonl"
 REPLAYED_TAG = "wsss.replayed_calls"
 _CALLS = ("log_params", "log_metrics", "log_artifact", "set_tags")
 
@@ -38,7 +38,7 @@ class JournalingTracker:
 
     Args:
         tracker: the MLflow tracker of the trial's run.
-        journal: the trial's ``unsynced.jsonl`` (appended to, never truncated here).
+        journal: the trial's ``unsynced.jsonl`` (`TrialDir.journal`; appended to, never truncated here).
         offline: start offline with this reason (no MLflow call is tried).
     """
 
@@ -63,6 +63,13 @@ class JournalingTracker:
         """Reopen (RUNNING) or close the run; not journaled, `sync_trials` derives it from the disk."""
         if self.offline is None:
             self._try(lambda: self.tracker.set_status(status))
+
+    def list_artifacts(self, artifact_path: str | None = None) -> list[str]:
+        """What the run holds in MLflow; nothing while offline (the journal only records writes)."""
+        listed: list[str] = []
+        if self.offline is None:
+            self._try(lambda: listed.extend(self.tracker.list_artifacts(artifact_path)))
+        return listed
 
     def _call(self, name: str, **args: Any) -> None:
         if self.offline is None and self._try(lambda: getattr(self.tracker, name)(**args)):
@@ -119,14 +126,13 @@ def replay(journal: Path, tracker: MlflowTracker) -> int:
     return len(entries)
 
 
-def sync_trials(root: Path, tracking: SweepTracking, trials: dict[str, dict[str, Any]], diverged: str) -> list[str]:
+def sync_trials(sweep: SweepDir, tracking: SweepTracking, trials: dict[str, dict[str, Any]]) -> list[str]:
     """Make MLflow agree with the trials' folders (see the module docstring).
 
     Args:
-        root: the sweep folder (``trials/<id>/`` inside).
+        sweep: the sweep's folder.
         tracking: the sweep's MLflow runs.
-        trials: the recorded trials (``sweep.load_trials``).
-        diverged: the file name marking a diverged trial.
+        trials: the recorded trials (`SweepDir.load_trials`).
 
     Returns:
         The ids of the trials whose run was changed.
@@ -135,34 +141,34 @@ def sync_trials(root: Path, tracking: SweepTracking, trials: dict[str, dict[str,
     changed = []
     for trial_id, record in trials.items():
         run = runs.get(trial_id)
-        if run is not None and _sync_one(Path(root) / "trials" / trial_id, tracking, run, record, diverged):
+        if run is not None and _sync_one(sweep.trial(trial_id), tracking, run, record):
             changed.append(trial_id)
     if changed:
         log.warning("logged to MLflow what %d trial(s) could not log while it was away: %s", len(changed), changed)
     return changed
 
 
-def _sync_one(folder: Path, tracking: SweepTracking, run, record: dict[str, Any], diverged: str) -> bool:
+def _sync_one(trial: TrialDir, tracking: SweepTracking, run, record: dict[str, Any]) -> bool:
     run_id = run.info.run_id
     tracker = tracking.tracker(run_id)
-    sent = replay(folder / JOURNAL, tracker)
+    sent = replay(trial.journal, tracker)
     if sent:
         previous = int(run.data.tags.get(REPLAYED_TAG, 0))
         tracker.set_tags({REPLAYED_TAG: str(previous + sent)})
         run = tracking.client.get_run(run_id)
-    metrics_file = folder / "metrics.json"
-    if metrics_file.is_file():
-        final = {k: v for k, v in json.loads(metrics_file.read_text()).items() if isinstance(v, int | float)}
+    if trial.finished():
+        final = {k: v for k, v in trial.read_metrics().items() if isinstance(v, int | float)}
         status = "FINISHED"
         missing = not set(final) <= set(run.data.metrics)
         if missing:
             tracker.log_metrics(final, step=record["config"]["train"]["epochs"])
         if missing or run.info.status != status:  # the trial's last calls may not have reached MLflow
-            for name in ("config.yaml", "metrics.json", "gallery"):
-                if (folder / name).exists():
-                    tracker.log_artifact(folder / name, "gallery" if name == "gallery" else None)
+            files = ((trial.config, None), (trial.metrics, None), (trial.gallery, trial.gallery.name))
+            for path, artifact_path in files:
+                if path.exists():
+                    tracker.log_artifact(path, artifact_path)
             sent += 1
-    elif (folder / diverged).is_file():
+    elif trial.diverged.is_file():
         status = "FAILED"
     else:
         return bool(sent)
@@ -170,11 +176,6 @@ def _sync_one(folder: Path, tracking: SweepTracking, run, record: dict[str, Any]
         tracker.set_status(status)
         sent += 1
     return bool(sent)
-
-
-def pending_journals(root: Path, trial_ids: Iterable[str]) -> list[Path]:
-    """The journals still waiting to be replayed."""
-    return [p for t in trial_ids if (p := Path(root) / "trials" / t / JOURNAL).is_file()]
 
 
 def tracking_errors() -> tuple[type[BaseException], ...]:

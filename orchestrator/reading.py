@@ -16,7 +16,7 @@ def arm_means(rows: Iterable[Mapping[str, Any]], metric: str) -> dict[str, tuple
     """Each arm's mean of ``metric`` over its trials and how many trials that is.
 
     Args:
-        rows: result rows with ``arm`` and ``metric`` keys (`orchestrator.sweep.result_rows`); rows
+        rows: result rows with ``arm`` and ``metric`` keys (`SweepDir.result_rows`); rows
             without a finite number for ``metric`` (failed trials) are skipped.
         metric: the result key to average.
     Returns:
@@ -36,7 +36,7 @@ def read_result(rows: Iterable[Mapping[str, Any]], *, metric: str = "miou", cont
     arm's mean ``context`` (the share of CAM mass on the chimney: lower means less shortcut).
 
     Args:
-        rows: result rows of a sweep (`orchestrator.sweep.result_rows`).
+        rows: result rows of a sweep (`SweepDir.result_rows`).
         metric: what decides the winner (a fraction; shown in %).
         context: the context measure shown per arm (a fraction; shown in %).
     Returns:

@@ -47,6 +47,7 @@ from training.config.refine import SEED_KEY, pipeline_key
 from training.config.sweep import best_k, expand_refine_grid
 from training.errors import ConfigError
 from training.metrics import IoUCounter
+from training.trial_dir import TrialDir
 
 __all__ = [
     "RefineFailed", "RefineUnit", "UnitResult", "expand_refine_grid", "log_refinement", "make_units",
@@ -71,7 +72,7 @@ def seed_threshold(trial_dir: Path) -> float:
 def _trial_config(trial_dir: Path):
     from training.config import load_trial_config
 
-    return load_trial_config(Path(trial_dir) / "config.yaml")
+    return load_trial_config(TrialDir(trial_dir).config)
 
 
 def make_units(
@@ -96,7 +97,8 @@ def make_units(
     units = []
     for trial_id, trial_dir in trials.items():
         trial_dir = Path(trial_dir).resolve()
-        root, shards, threshold = data_root(trial_dir), shard_paths(trial_dir / "cams"), seed_threshold(trial_dir)
+        root, shards = data_root(trial_dir), shard_paths(TrialDir(trial_dir).cams)
+        threshold = seed_threshold(trial_dir)
         units += [RefineUnit(trial_dir, str(trial_id), s, root, spec, threshold) for spec in unique for s in shards]
     return units
 
@@ -271,7 +273,7 @@ def log_refinement(tracking: Any, rows: Sequence[Mapping[str, Any]], trial_run_i
             if row["pipeline"] != SEED_KEY:
                 out = folder / "overlays" / metric_key(row["trial_id"]) / f"{metric_key(row['pipeline'])}.png"
                 save_overlay(Path(row["trial_dir"]), row["pipeline"], out, n=overlay_images)
-        tracking.client.log_artifacts(tracking.parent_run_id, str(folder), "refine")
+        tracking.parent.log_artifact(folder, "refine")
     return texts
 
 

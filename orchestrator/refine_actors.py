@@ -30,10 +30,12 @@ from typing import Any
 import numpy as np
 
 from postproc.pipeline import Pipeline
+from training.atomic import atomic_path, atomic_write_text
 from training.config.refine import ThresholdStep, pipeline_key, pipeline_uses_gpu
 from training.errors import ConfigError, DataError, WsssError
 from training.metrics import IoUCounter, iou_counts
-from training.shards import INDEX, atomic_path, atomic_write_text, read_shard
+from training.shards import INDEX, read_shard
+from training.trial_dir import TrialDir
 
 SEED_SPEC: list[dict[str, Any]] = []  # the empty pipeline: seed_mask(cam, threshold=0.3), key "seed"
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
@@ -109,7 +111,7 @@ class UnitResult:
 def refine_dir(trial_dir: Path, key: str) -> Path:
     """``<trial_dir>/refine/<slug>-<sha8>``: readable, and unique per pipeline key."""
     slug = re.sub(r"[^A-Za-z0-9.=,-]+", "_", key).strip("_")[:80]
-    return Path(trial_dir) / "refine" / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    return TrialDir(trial_dir).refine / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 # ---------------------------------------------------------------- one unit

@@ -9,41 +9,38 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from pathlib import Path
 
-from orchestrator import sweep as sw
 from orchestrator.refine import log_refinement, make_units, refine_units, select_trials, summarise
+from orchestrator.sweep_dir import SweepDir
 from orchestrator.tracking import SweepTracking
+from training.atomic import atomic_write_json
 from training.config.sweep import RefineSection
 from training.errors import ConfigError
-from training.shards import atomic_write_text
-
-MARKER = "refine.json"
 
 
 def refine_sweep(
     section: RefineSection,
-    root: Path,
+    sweep: SweepDir,
     tracking: SweepTracking,
     *,
     trials: str | None = None,
     progress: bool = True,
 ) -> dict[str, str]:
-    """Refine the chosen trials of the sweep in ``root`` with every pipeline of ``section``.
+    """Refine the chosen trials of ``sweep`` with every pipeline of ``section``.
 
     Args:
         section: the sweep file's validated ``refine:`` section (pipelines, trials, actors).
-        root: the sweep folder.
+        sweep: the sweep's folder.
         tracking: the sweep's MLflow runs.
         trials: ``best:K``, ``all`` or ``id,id``; overrides ``section["trials"]``.
     Returns:
         {table name: markdown} of the refinement tables (also logged on the parent run).
     """
-    rows = sw.result_rows(root)
+    rows = sweep.result_rows()
     if not rows:
-        raise ConfigError(f"{root}: no finished trial to refine yet")
+        raise ConfigError(f"{sweep.root}: no finished trial to refine yet")
     chosen = select_trials(rows, trials or section.trials, metric=section.rank_by)
-    units = make_units({t: root / "trials" / t for t in chosen}, section.pipelines)
+    units = make_units({t: sweep.trial(t).path for t in chosen}, section.pipelines)
     results = refine_units(
         units,
         cpu_actors=section.cpu_actors or _cpus(),
@@ -57,17 +54,17 @@ def refine_sweep(
     nodes = {str(r.unit): r.node for r in results if r.node}
     if nodes:
         spread = Counter(nodes.values())
-        tracking.tracker(tracking.parent_run_id).set_tags(
+        tracking.parent.set_tags(
             {"wsss.refine_nodes": ", ".join(f"{node[:12]}: {n} units" for node, n in spread.most_common())}
         )
     marker = {"section": dict(section.raw), "trials": chosen, "tables": tables, "nodes": nodes}
-    atomic_write_text(root / MARKER, json.dumps(marker))
+    atomic_write_json(sweep.refine_marker, marker, indent=None)
     return tables
 
 
-def refined_tables(section: RefineSection, root: Path) -> dict[str, str] | None:
+def refined_tables(section: RefineSection, sweep: SweepDir) -> dict[str, str] | None:
     """The tables of an earlier complete refinement with this same section (as written), or None."""
-    path = root / MARKER
+    path = sweep.refine_marker
     if not path.is_file():
         return None
     done = json.loads(path.read_text())

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from orchestrator.ray_auth import ensure_ray_token
+from training.atomic import atomic_write_text
 from training.errors import WsssError
-from training.shards import atomic_write_text
 
 STATE_FILE = "services.json"
 PORTS_OF = {"ray": ("ray", "dashboard", "client"), "mlflow": ("mlflow",)}

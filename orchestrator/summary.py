@@ -32,7 +32,8 @@ def describe_sweep(
 ) -> str:
     """Write the parent run's description and best-trial metrics; returns the markdown."""
     best = max((r for r in rows if isinstance(r.get(rank_by), int | float)), key=lambda r: r[rank_by], default=None)
-    plots = {Path(f.path).stem for f in tracking.client.list_artifacts(tracking.parent_run_id, "plots")}
+    parent = tracking.parent
+    plots = {Path(name).stem for name in parent.list_artifacts("plots")}
     text = sweep_markdown(
         description=description, finished=len(rows), total=total, failed=failed, best=best, rank_by=rank_by,
         tables=tables, plot_url=lambda name: _artifact_url(tracking.parent_run_id, f"plots/{name}.png"), plots=plots,
@@ -40,7 +41,6 @@ def describe_sweep(
     metrics = {"trials_finished": float(len(rows)), "trials_failed": float(len(failed))}
     if best is not None:
         metrics |= {f"best_{k}": float(best[k]) for k in BEST_METRICS if isinstance(best.get(k), int | float)}
-    parent = tracking.tracker(tracking.parent_run_id)
     parent.log_metrics(metrics)
     parent.set_tags({NOTE_TAG: text})
     return text

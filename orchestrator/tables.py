@@ -22,6 +22,7 @@ from typing import Any
 
 from orchestrator.tracking import SweepTracking
 from training.config.sweep import TableSpec
+from training.tracker import Tracker
 
 MISSING = "—"
 DEFAULT_METRICS = ("miou", "miou_per_image", "accuracy", "context_activation")
@@ -313,7 +314,7 @@ def write_tables(
 
 
 def log_tables(
-    tracking: SweepTracking,
+    parent: Tracker,
     rows: Sequence[Mapping[str, Any]],
     specs: Sequence[TableSpec],
     *,
@@ -325,7 +326,7 @@ def log_tables(
     instead of adding copies.
 
     Args:
-        tracking: the sweep whose parent run receives ``tables/`` and ``plots/``.
+        parent: the tracker of the sweep's parent run, which receives ``tables/`` and ``plots/``.
         rows: per-trial result rows.
         specs: pivot tables to build.
         columns: columns of the flat results table (default: see ``default_result_columns``).
@@ -336,7 +337,7 @@ def log_tables(
     with tempfile.TemporaryDirectory() as tmp:
         texts = write_tables(Path(tmp), rows, specs, columns=columns)
         for sub in ("tables", "plots"):
-            tracking.client.log_artifacts(tracking.parent_run_id, str(Path(tmp) / sub), sub)
+            parent.log_artifact(Path(tmp) / sub, sub)
     return texts
 
 
@@ -349,12 +350,10 @@ def read_tables(tracking_uri: str, sweep_name: str, experiment: str | None = Non
     Raises:
         ConfigError: no sweep of that name exists in the store.
     """
-    tracking = SweepTracking.find(tracking_uri, sweep_name, experiment)
-    client, run_id = tracking.client, tracking.parent_run_id
-    names = [f.path for f in client.list_artifacts(run_id, "tables") if f.path.endswith(".md")]
+    parent = SweepTracking.find(tracking_uri, sweep_name, experiment).parent
+    names = [name for name in parent.list_artifacts("tables") if name.endswith(".md")]
     texts: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in sorted(names):
-            local = client.download_artifacts(run_id, name, tmp)
-            texts[Path(name).stem] = Path(local).read_text()
+            texts[Path(name).stem] = parent.download_artifact(name, Path(tmp)).read_text()
     return texts

@@ -192,7 +192,7 @@ class MlflowTracker(_LazyClient):
 
     Args:
         uri: tracking URI.
-        run_id: the (child) run every call writes into.
+        run_id: the run every call writes into (a trial's, or a sweep's parent run).
     """
 
     def __init__(self, uri: str, run_id: str) -> None:
@@ -235,6 +235,14 @@ class MlflowTracker(_LazyClient):
             self.client.set_terminated(self.run_id, status=status)
         else:
             raise ConfigError(f"run status {status!r}; expected RUNNING or one of {', '.join(TERMINAL_STATUSES)}")
+
+    def list_artifacts(self, artifact_path: str | None = None) -> list[str]:
+        """The artifact paths directly under ``artifact_path`` (files and folders)."""
+        return [f.path for f in self.client.list_artifacts(self.run_id, artifact_path)]
+
+    def download_artifact(self, artifact_path: str, dst: Path) -> Path:
+        """Copy one logged artifact into the folder ``dst``; returns the local file."""
+        return Path(self.client.download_artifacts(self.run_id, artifact_path, str(dst)))
 
 
 class SweepTracking(_LazyClient):
@@ -352,8 +360,15 @@ class SweepTracking(_LazyClient):
         return run_id
 
     def tracker(self, run_id: str) -> MlflowTracker:
-        """A picklable ``Tracker`` writing into ``run_id``."""
-        return MlflowTracker(self.uri, run_id)
+        """A picklable ``Tracker`` writing into ``run_id`` (sharing this object's client, if it has one)."""
+        tracker = MlflowTracker(self.uri, run_id)
+        tracker._client = self._client
+        return tracker
+
+    @property
+    def parent(self) -> MlflowTracker:
+        """The ``Tracker`` of the sweep's parent run: its tables, plots, description and status."""
+        return self.tracker(self.parent_run_id)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark a run terminated with ``status`` (FINISHED, FAILED or KILLED)."""

@@ -20,8 +20,10 @@ import pytest
 import yaml
 from conftest import tiny_config_dict
 
-from orchestrator import launch
+from orchestrator import cluster, driver
 from orchestrator.cli import main
+from orchestrator.cluster import ClusterError, check_cluster
+from training.config.sweep import Resources
 from training.synth import SynthConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -282,33 +284,54 @@ def _fake_cluster(monkeypatch, nodes: list[dict]) -> list[str]:
     """Replace the Ray start with a fake cluster; returns the log of calls that would train."""
     import ray
 
-    from orchestrator import sweep as sw
-
-    monkeypatch.setattr(launch, "_init_ray", lambda *a: None)
+    monkeypatch.setattr(cluster, "start_ray", lambda *a: None)
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in nodes])
     trained: list[str] = []
-    monkeypatch.setattr(sw, "prepare", lambda *a, **k: trained.append("prepare"))
+    monkeypatch.setattr(driver, "prepare", lambda *a, **k: trained.append("prepare"))
     return trained
 
 
+IMPOSSIBLE_CLUSTERS = [
+    (
+        [{"CPU": 2.0}],
+        {"cpu": 4},
+        r"resources: each trial asks for cpu=4\.0, gpu=0\.0, but the largest node has cpu=2, gpu=0; "
+        r"no trial could ever start",
+    ),
+    ([{"CPU": 8.0}], {"cpu": 1, "gpu": 1}, r"largest node has cpu=8, gpu=0"),
+    (
+        [{"CPU": 8.0}, {"CPU": 8.0}],
+        {"cpu": 1},
+        r"the Ray cluster has 2 nodes but --storage is a local path.*--storage-is-shared",
+    ),
+]
+CLUSTER_IDS = ["too-many-cpus", "no-gpu", "multi-node-local-storage"]
+
+
+def _resources(**given) -> Resources:
+    return Resources(**{k: float(v) for k, v in given.items()})  # as a sweep file's are read
+
+
+@pytest.mark.parametrize(("nodes", "resources", "expected"), IMPOSSIBLE_CLUSTERS, ids=CLUSTER_IDS)
+def test_check_cluster_refuses_what_could_never_run(nodes, resources, expected):
+    """The pure check, on node descriptions shaped like ``ray.nodes()``'s."""
+    with pytest.raises(ClusterError, match=expected):
+        check_cluster([{"Resources": r} for r in nodes], _resources(**resources), storage_is_shared=False)
+
+
 @pytest.mark.parametrize(
-    ("nodes", "resources", "expected"),
+    ("nodes", "resources", "shared"),
     [
-        (
-            [{"CPU": 2.0}],
-            {"cpu": 4},
-            r"resources: each trial asks for cpu=4\.0, gpu=0\.0, but the largest node has cpu=2, gpu=0; "
-            r"no trial could ever start",
-        ),
-        ([{"CPU": 8.0}], {"cpu": 1, "gpu": 1}, r"largest node has cpu=8, gpu=0"),
-        (
-            [{"CPU": 8.0}, {"CPU": 8.0}],
-            {"cpu": 1},
-            r"the Ray cluster has 2 nodes but --storage is a local path.*--storage-is-shared",
-        ),
+        ([{"CPU": 4.0}], {"cpu": 4}, False),  # exactly fits
+        ([{"CPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}], {"cpu": 4, "gpu": 0.5}, True),  # the big node fits it
     ],
-    ids=["too-many-cpus", "no-gpu", "multi-node-local-storage"],
+    ids=["one-node-exact", "two-nodes-shared"],
 )
+def test_check_cluster_accepts_what_can_run(nodes, resources, shared):
+    check_cluster([{"Resources": r} for r in nodes], _resources(**resources), storage_is_shared=shared)
+
+
+@pytest.mark.parametrize(("nodes", "resources", "expected"), IMPOSSIBLE_CLUSTERS, ids=CLUSTER_IDS)
 def test_impossible_cluster_fails_before_any_training(tmp_path, monkeypatch, capsys, nodes, resources, expected):
     trained = _fake_cluster(monkeypatch, nodes)
     monkeypatch.chdir(tmp_path)
@@ -377,11 +400,11 @@ def test_ui_binds_to_loopback(monkeypatch, tmp_path):
 def test_a_sweep_name_is_not_reused_for_another_space(tmp_path, monkeypatch, capsys):
     """A sweep resumes (and Tune restores) only ``<storage>/<name>``, and only for its own space."""
     _fake_cluster(monkeypatch, [{"CPU": 2.0}])
-    from orchestrator import sweep as sw
+    from orchestrator.sweep_dir import SweepDir
 
     monkeypatch.chdir(tmp_path)
     first = _space(tmp_path, grid={"transfer.lam": [0.5, 1.0]})
-    sw.plan(_load(first), "bad", Path("runs"), _uri(tmp_path))  # the first sweep of this name
+    driver.plan(_load(first), SweepDir.of(Path("runs"), "bad"), _uri(tmp_path))  # the first sweep of this name
     other = _space(tmp_path, grid={"transfer.lam": [2.0]})
     code, err = _wsss(capsys, "sweep", str(other))
     assert code == 2 and f"sweep folder {tmp_path / 'runs' / 'bad'} holds another search space" in err, err

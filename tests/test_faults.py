@@ -2,9 +2,10 @@
 
 The fast tests check the pieces without Ray: the journal that keeps a trial's
 tracking while MLflow is away, its replay, the reconciliation of runs with the
-disk, SIGTERM forwarding and the fault hook. The slow ones run real tiny sweeps
-under Ray, each driver in a subprocess (as a user runs it, and so that signals
-and ``WSSS_FAULT_INJECT`` reach only that driver and its trials):
+disk, SIGTERM forwarding and the test seam the faults go through
+(``WSSS_TRIAL_HOOKS``, with ``tests/fault_plugin.py``). The slow ones run real
+tiny sweeps under Ray, each driver in a subprocess (as a user runs it, and so
+that signals and the injected faults reach only that driver and its trials):
 
 - one sweep with a trial that crashes once, one that cannot reach MLflow and
   one whose loss turns NaN; its driver is interrupted with SIGINT, rerun,
@@ -26,14 +27,17 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TINY_SYNTH, tiny_config_dict
+from fault_plugin import CRASH_MARKER, FaultHooks, fault_env, parse_faults
 
-from orchestrator import launch
 from orchestrator.cli import main
-from orchestrator.offline import JOURNAL, REPLAYED_TAG, JournalingTracker, replay, sync_trials
-from orchestrator.sweep import DIVERGED, FAULT_ENV, injected_faults
+from orchestrator.cluster import sigterm_as_sigint
+from orchestrator.offline import REPLAYED_TAG, JournalingTracker, replay, sync_trials
+from orchestrator.sweep_dir import SweepDir
 from orchestrator.tracking import PARENT_TAG, ROLE_TAG, TRIAL_TAG, MlflowTracker, SweepTracking, default_tracking_uri
+from orchestrator.trainable import HOOKS_ENV, TrialHooks, load_trial_hooks
 from training.config import TrialConfig, from_dict
 from training.errors import ConfigError
+from training.trial_dir import TrialDir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,14 +86,54 @@ def _runs(folder: Path, sweep: str):
 # ---------------------------------------------------------------- fast: the pieces
 
 
-def test_fault_hook_parses_and_rejects_unknown_kinds(monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, "crash_once:000-a:1, tracking_down:001-b")
-    assert injected_faults("000-a") == {"crash_once": "1"}
-    assert injected_faults("001-b") == {"tracking_down": ""}
-    assert injected_faults("002-c") == {}
-    monkeypatch.setenv(FAULT_ENV, "explode:000-a")
+def test_fault_plugin_parses_and_rejects_unknown_kinds():
+    faults = parse_faults("crash_once:000-a:1, tracking_down:001-b")
+    assert faults == {"000-a": {"crash_once": "1"}, "001-b": {"tracking_down": ""}}
     with pytest.raises(ConfigError, match=r"WSSS_FAULT_INJECT: unknown fault 'explode'; expected one of crash_once"):
-        injected_faults("000-a")
+        parse_faults("explode:000-a")
+
+
+def test_no_hooks_unless_the_variable_names_them(monkeypatch):
+    monkeypatch.delenv(HOOKS_ENV, raising=False)
+    hooks = load_trial_hooks()
+    assert type(hooks) is TrialHooks
+    tracker = MlflowTracker("sqlite:///unused.db", "run")
+    assert hooks.tracker("000-a", tracker) is tracker  # the default changes nothing
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("fault_plugin", r"WSSS_TRIAL_HOOKS='fault_plugin': expected module:attribute"),
+        ("no_such_module:Hooks", r"WSSS_TRIAL_HOOKS='no_such_module:Hooks': cannot load it \(No module named"),
+        ("fault_plugin:Missing", r"cannot load it \(module 'fault_plugin' has no attribute 'Missing'\)"),
+        ("fault_plugin:parse_faults", r"cannot build it \(TypeError: parse_faults\(\) missing 1 required"),
+        ("fault_plugin:CRASH_MARKER", r"cannot build it \(TypeError: 'str' object is not callable\)"),
+        ("collections:OrderedDict", r"built a OrderedDict; expected a TrialHooks"),
+    ],
+    ids=["no-colon", "no-module", "no-attribute", "needs-arguments", "not-callable", "not-hooks"],
+)
+def test_a_broken_hooks_variable_is_refused_by_name(monkeypatch, spec, expected):
+    monkeypatch.setenv(HOOKS_ENV, spec)
+    with pytest.raises(ConfigError, match=expected):
+        load_trial_hooks()
+
+
+def test_fault_hooks_crash_once_and_cut_tracking(monkeypatch, tmp_path):
+    monkeypatch.setenv("WSSS_FAULT_INJECT", "crash_once:000-a:2,tracking_down:001-b")
+    monkeypatch.setenv(HOOKS_ENV, "fault_plugin:FaultHooks")
+    hooks = load_trial_hooks()
+    assert isinstance(hooks, FaultHooks)
+    trial = TrialDir(tmp_path / "000-a").create()
+    hooks.epoch_reported("000-a", trial, 1)  # not its epoch
+    with pytest.raises(RuntimeError, match="injected crash after epoch 2"):
+        hooks.epoch_reported("000-a", trial, 2)
+    hooks.epoch_reported("000-a", trial, 2)  # the retry goes on
+    assert (trial.path / CRASH_MARKER).exists()
+    live = MlflowTracker("sqlite:///unused.db", "run-b")
+    dead = hooks.tracker("001-b", live)
+    assert dead.run_id == "run-b" and dead.uri.startswith("http://127.0.0.1:")
+    assert hooks.tracker("000-a", live) is live
 
 
 def test_tracker_journals_when_the_server_is_unreachable_and_replays_later(uri, tmp_path, monkeypatch):
@@ -97,7 +141,7 @@ def test_tracker_journals_when_the_server_is_unreachable_and_replays_later(uri, 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     dead = MlflowTracker(f"http://127.0.0.1:{_free_port()}", "0" * 32)
-    journal = tmp_path / JOURNAL
+    journal = TrialDir(tmp_path).journal
     tracker = JournalingTracker(dead, journal)
     (tmp_path / "metrics.json").write_text('{"miou": 0.5}')
     tracker.log_params({"transfer": {"lam": 0.5}})  # the first call fails: offline from here on
@@ -133,7 +177,7 @@ def test_replay_cut_short_resumes_without_logging_twice(tmp_path):
                 raise ConnectionError("server went away again")
             self.sent.append((step, metrics["loss"]))
 
-    journal = tmp_path / JOURNAL
+    journal = TrialDir(tmp_path).journal
     offline = JournalingTracker(None, journal, offline="test")
     for step in (1, 2, 3):
         offline.log_metrics({"loss": float(step)}, step=step)
@@ -146,7 +190,7 @@ def test_replay_cut_short_resumes_without_logging_twice(tmp_path):
 
 
 def test_replay_skips_a_line_cut_short_by_a_killed_trial(tmp_path):
-    journal = tmp_path / JOURNAL
+    journal = TrialDir(tmp_path).journal
     JournalingTracker(None, journal, offline="test").log_metrics({"loss": 1.0}, step=1)
     with journal.open("a") as f:
         f.write('{"call": "log_metrics", "metr')
@@ -172,9 +216,9 @@ def test_sync_reconciles_runs_with_the_disk(uri, tmp_path, make_config):
     (done / "config.yaml").write_text("name: x\n")
     (done / "gallery" / "a.png").write_bytes(b"png")
     nan.mkdir(parents=True)
-    (nan / DIVERGED).write_text('{"reason": "loss is not finite at epoch 1, step 2"}')
+    (nan / "diverged.json").write_text('{"reason": "loss is not finite at epoch 1, step 2"}')
 
-    assert sync_trials(tmp_path, tracking, trials, DIVERGED) == ["000-done", "001-nan"]
+    assert sync_trials(SweepDir(tmp_path), tracking, trials) == ["000-done", "001-nan"]
     client = tracking.client
     finished = client.get_run(runs["000-done"])
     assert finished.info.status == "FINISHED" and finished.data.metrics == {"miou": 0.25, "accuracy": 0.9}
@@ -182,14 +226,15 @@ def test_sync_reconciles_runs_with_the_disk(uri, tmp_path, make_config):
     assert {a.path for a in client.list_artifacts(runs["000-done"])} == {"config.yaml", "metrics.json", "gallery"}
     assert client.get_run(runs["001-nan"]).info.status == "FAILED"
     assert client.get_run(runs["002-todo"]).info.status == "RUNNING"
-    assert sync_trials(tmp_path, tracking, trials, DIVERGED) == []  # idempotent
+    assert sync_trials(SweepDir(tmp_path), tracking, trials) == []  # idempotent
 
 
 def test_sigterm_takes_the_ctrl_c_path():
-    with launch._sigterm_as_sigint(), pytest.raises(KeyboardInterrupt):
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or Ray's if an earlier test started Ray here
+    with sigterm_as_sigint(), pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler runs at the next bytecode
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_unreachable_server_at_start_fails_before_any_training(tmp_path, synth_root, monkeypatch, capsys):
@@ -220,8 +265,8 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
 def faulty_sweep(tmp_path_factory, synth_root) -> dict:
     """One tiny sweep, trials run one at a time, driven like a user would:
 
-    - 000-crash crashes once right after epoch 1 (``WSSS_FAULT_INJECT``);
-    - 001-offline cannot reach MLflow at all (``WSSS_FAULT_INJECT``);
+    - 000-crash crashes once right after epoch 1 (``fault_plugin``);
+    - 001-offline cannot reach MLflow at all: its tracker talks to a dead port (``fault_plugin``);
     - 002-nan has lr=1e30, so its loss turns NaN at epoch 1, step 2.
 
     The driver gets SIGINT once 000 has finished, is rerun, gets SIGTERM once
@@ -239,7 +284,7 @@ def faulty_sweep(tmp_path_factory, synth_root) -> dict:
         "max_failures": 1,
     }
     _write_space(folder, space)
-    inject = {FAULT_ENV: "crash_once:000-crash:1,tracking_down:001-offline"}
+    inject = fault_env("crash_once:000-crash:1,tracking_down:001-offline")
     trials = folder / "runs" / "faulty" / "trials"
 
     def finished() -> list[Path]:
@@ -297,7 +342,7 @@ def test_crashed_trial_resumes_from_its_checkpoint_with_the_same_metrics(faulty_
 
     folder = faulty_sweep["folder"]
     trial = folder / "runs" / "faulty" / "trials" / "000-crash"
-    assert (trial / ".injected-crash_once").exists()
+    assert (trial / CRASH_MARKER).exists()
     client, _, children = _runs(folder, "faulty")
     (run,) = children["000-crash"]
     assert run.info.status == "FINISHED"
@@ -313,7 +358,7 @@ def test_crashed_trial_resumes_from_its_checkpoint_with_the_same_metrics(faulty_
 def test_nan_trial_is_failed_in_tune_and_mlflow_and_not_retried(faulty_sweep):
     folder = faulty_sweep["folder"]
     trial = folder / "runs" / "faulty" / "trials" / "002-nan-lr1e_30"
-    reason = json.loads((trial / DIVERGED).read_text())["reason"]
+    reason = json.loads((trial / "diverged.json").read_text())["reason"]
     assert reason.startswith("loss is not finite at epoch 1, step 2: {'loss': nan")
     assert not (trial / "metrics.json").exists()
     _, _, children = _runs(folder, "faulty")
@@ -328,7 +373,7 @@ def test_nan_trial_is_failed_in_tune_and_mlflow_and_not_retried(faulty_sweep):
 def test_trial_that_could_not_reach_mlflow_is_logged_by_the_driver(faulty_sweep):
     folder = faulty_sweep["folder"]
     trial = folder / "runs" / "faulty" / "trials" / "001-offline"
-    assert not (trial / JOURNAL).exists()  # replayed and removed
+    assert not (trial / "unsynced.jsonl").exists()  # replayed and removed
     client, _, children = _runs(folder, "faulty")
     (run,) = children["001-offline"]
     assert run.info.status == "FINISHED" and int(run.data.tags[REPLAYED_TAG]) > 0

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.launch import ClusterError, run_sweep
+from orchestrator.cluster import ClusterError
+from orchestrator.driver import run_sweep
 from orchestrator.space import load_space
 
 pytestmark = pytest.mark.slow
@@ -57,7 +58,7 @@ def test_trials_and_refinement_units_land_on_both_nodes(cluster, tmp_path):
     shared = tmp_path / "shared"  # one folder every node of this machine sees
     outcome = run_sweep(load_space(CHECK), name="two-nodes", storage=shared, tracking_uri=uri,
                         address=cluster.address, storage_is_shared=True)  # fmt: skip
-    assert outcome.complete and len(outcome.finished) == 2
+    assert outcome.complete and len(outcome.status.finished) == 2
     nodes = _node_ids(cluster)
 
     tracking = SweepTracking.find(uri, "two-nodes")

@@ -86,8 +86,8 @@ def test_no_import_circle_and_the_schema_is_a_leaf() -> None:
 
 def _pairs():
     """(name table, implementation registry) for every registry that implements a table."""
-    from orchestrator.launch import SCHEDULERS
     from orchestrator.space import SAMPLERS
+    from orchestrator.tuner import SCHEDULERS
     from postproc.pipeline import STEP_BUILDERS
     from postproc.proposals import PROPOSAL_BACKENDS
     from postproc.regions import FUSION_MODES, SELECTION_RULES

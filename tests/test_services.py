@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import services as sv
-from orchestrator.launch import ClusterError, _job_cluster, check_job_outputs, in_ray_job
+from orchestrator.cluster import ClusterError, check_job_outputs, in_ray_job, job_cluster
 from orchestrator.summary import NOTE_BUDGET, sweep_markdown
 from training.errors import ConfigError
 
@@ -114,12 +114,12 @@ def test_a_job_refuses_outputs_in_its_temporary_working_dir(in_job):
 
 def test_a_job_joins_its_cluster_but_not_a_dashboard_url(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    assert _job_cluster() == "127.0.0.1:6379"
+    assert job_cluster() == "127.0.0.1:6379"
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     with pytest.raises(ClusterError, match=r"RAY_ADDRESS=http://127\.0\.0\.1:8265 is a dashboard"):
-        _job_cluster()
+        job_cluster()
     monkeypatch.delenv("RAY_ADDRESS")
-    assert _job_cluster() is None
+    assert job_cluster() is None
 
 
 # ---------------------------------------------------------------- the parent run's description

@@ -1,4 +1,4 @@
-"""CAM shards: round trip, checksums, atomic writes."""
+"""CAM shards: round trip, checksums, no temporary files left."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from training.errors import DataError
-from training.shards import INDEX, atomic_path, atomic_write_text, read_all, read_shard, shard_paths, write_shards
+from training.shards import INDEX, read_all, read_shard, shard_paths, write_shards
 
 SIZES = [(4, 6), (5, 5), (3, 8), (7, 2), (1, 1)]
 
@@ -106,13 +106,3 @@ def test_writes_leave_no_temporary_files(tmp_path: Path) -> None:
     write_shards(tmp_path, ids, cams, logits, labels, shard_size=2)
     write_shards(tmp_path, ids, cams, logits, labels, shard_size=2)  # overwrite in place
     assert sorted(p.name for p in tmp_path.iterdir()) == [INDEX, *(f"shard-{i:05d}.npz" for i in range(3))]
-
-
-def test_atomic_path_keeps_old_file_on_failure(tmp_path: Path) -> None:
-    target = tmp_path / "metrics.json"
-    atomic_write_text(target, "old")
-    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
-        tmp.write_text("half")
-        raise RuntimeError("crash mid-write")
-    assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

@@ -111,3 +111,18 @@ def test_tables_command_prints_the_pivot_from_mlflow(sweep_dir, monkeypatch, cap
     assert main(["tables", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "| teacher_student |" in out and "| co_training |" in out
+
+
+def test_a_settled_sweep_whose_refinement_is_missing_refines_without_retraining(sweep_dir, monkeypatch, capsys):
+    """The settled path still starts Ray when it must (`RaySession` starts it on first need)."""
+    root = sweep_dir / "runs" / "tiny"
+    marker = root / "refine.json"
+    tables = json.loads(marker.read_text())["tables"]
+    metrics = sorted(root.glob("trials/*/metrics.json"))
+    stamps = [p.stat().st_mtime_ns for p in metrics]
+    marker.unlink()  # as if the driver had stopped during the refinement
+    monkeypatch.chdir(sweep_dir)
+    assert main(["sweep", "tiny.yaml", "--num-cpus", "2"]) == 0
+    assert "2/2 trials finished" in capsys.readouterr().out
+    assert json.loads(marker.read_text())["tables"] == tables  # the same refinement, redone from its units
+    assert [p.stat().st_mtime_ns for p in metrics] == stamps

@@ -20,6 +20,7 @@ from orchestrator.tables import (
 )
 from orchestrator.tracking import SweepTracking
 from training.errors import ConfigError
+from training.tracker import RecordingTracker
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -135,8 +136,8 @@ def test_plots_write_png(tmp_path: Path):
 
 def test_log_tables_twice_overwrites_and_reads_back(uri: str):
     sweep = SweepTracking.open(uri, "wsss", "tables1", space={"seed": 1}, description="")
-    log_tables(sweep, ROWS[:1], [SPEC])
-    texts = log_tables(sweep, ROWS, [SPEC])
+    log_tables(sweep.parent, ROWS[:1], [SPEC])
+    texts = log_tables(sweep.parent, ROWS, [SPEC])
     assert set(texts) == {"metric", "results"}
 
     client, run_id = sweep.client, sweep.parent_run_id
@@ -148,6 +149,18 @@ def test_log_tables_twice_overwrites_and_reads_back(uri: str):
     back = read_tables(uri, "tables1")
     assert back == texts
     assert back["metric"] == to_markdown(pivot(ROWS, SPEC))
+
+
+def test_log_tables_through_a_recording_tracker():
+    """The parent run is any `Tracker`: a recorder lists what MLflow would (as the test above)."""
+    parent = RecordingTracker()
+    texts = log_tables(parent, ROWS, [SPEC])
+    assert set(texts) == {"metric", "results"}
+    assert parent.list_artifacts() == ["plots", "tables"]
+    assert parent.list_artifacts("tables") == [
+        "tables/metric.csv", "tables/metric.md", "tables/results.csv", "tables/results.md",
+    ]
+    assert parent.list_artifacts("plots") == ["plots/lambda.png", "plots/metric.png"]
 
 
 def test_read_tables_unknown_sweep(uri: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import socket
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.offline import JournalingTracker
 from orchestrator.tracking import (
     MAX_PARAM_VALUE,
     MlflowTracker,
@@ -19,6 +21,7 @@ from orchestrator.tracking import (
     flatten,
 )
 from training.errors import ConfigError
+from training.tracker import ConsoleTracker, RecordingTracker, Tracker
 
 SPACE = {"transfer": {"lam": {"grid_search": [0.5, 1.0]}, "metric": "cosine"}, "seed": 42}
 
@@ -154,6 +157,49 @@ def test_tracker_and_sweep_pickle(sweep):
     assert clone.client.get_run(run_id).data.metrics == {"miou": 0.5}
     sweep_clone = pickle.loads(pickle.dumps(sweep))
     assert sweep_clone.find_child("k").info.run_id == run_id
+
+
+def test_parent_run_goes_through_its_tracker(sweep, tmp_path):
+    """Tables, tags and the status of the parent run go through the same `Tracker` as a trial's."""
+    parent = sweep.parent
+    assert parent.run_id == sweep.parent_run_id and parent.client is sweep.client  # one client, not a new one
+    (tmp_path / "tables" / "sub").mkdir(parents=True)
+    (tmp_path / "tables" / "metric.md").write_text("| a |\n")
+    (tmp_path / "tables" / "sub" / "x.csv").write_text("a\n1\n")
+    parent.log_artifact(tmp_path / "tables", "tables")
+    assert parent.list_artifacts("tables") == ["tables/metric.md", "tables/sub"]
+    assert parent.download_artifact("tables/metric.md", tmp_path / "back").read_text() == "| a |\n"
+    parent.set_tags({"wsss.failed_trials": "002-nan"})
+    parent.set_status("FAILED")
+    run = sweep.client.get_run(sweep.parent_run_id)
+    assert run.info.status == "FAILED" and run.data.tags["wsss.failed_trials"] == "002-nan"
+
+
+@pytest.mark.parametrize("kind", ["recording", "console", "mlflow", "journaling"])
+def test_every_tracker_speaks_the_whole_protocol(kind, tmp_path):
+    trackers = {
+        "recording": lambda: RecordingTracker(),
+        "console": lambda: ConsoleTracker(tmp_path, stream=io.StringIO()),
+        "mlflow": lambda: MlflowTracker(f"sqlite:///{tmp_path}/unused.db", "run"),
+        "journaling": lambda: JournalingTracker(None, tmp_path / "unsynced.jsonl", offline="test"),
+    }
+    assert isinstance(trackers[kind](), Tracker)
+
+
+def test_recording_tracker_lists_what_a_store_would(tmp_path):
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "metric.png").write_bytes(b"png")
+    (tmp_path / "metrics.json").write_text("{}")
+    tracker = RecordingTracker()
+    tracker.log_artifact(tmp_path / "plots", "plots")
+    tracker.log_artifact(tmp_path / "plots", "plots")  # logged again: listed once
+    tracker.log_artifact(tmp_path / "metrics.json")
+    assert tracker.list_artifacts() == ["metrics.json", "plots"]
+    assert tracker.list_artifacts("plots") == ["plots/metric.png"]
+    tracker.set_status("FINISHED")
+    with pytest.raises(ConfigError, match=r"run status 'DONE'; expected one of RUNNING, FINISHED, FAILED, KILLED"):
+        tracker.set_status("DONE")
+    assert tracker.statuses == ["FINISHED"]
 
 
 def test_find_unknown_sweep_lists_known(uri, sweep):

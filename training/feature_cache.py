@@ -32,9 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from training.atomic import atomic_path
 from training.config import names
 from training.models import Backbone
-from training.shards import atomic_path, sha256_file
+from training.shards import sha256_file
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 

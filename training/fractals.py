@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from training.atomic import atomic_path
 from training.config.pretrain import FractalConfig
 from training.errors import ConfigError, DataError
 
@@ -327,8 +328,6 @@ def ensure_corpus(cfg: FractalConfig, folder: Path) -> Path:
     Raises:
         DataError: ``folder`` holds a corpus of another config.
     """
-    from training.shards import atomic_path
-
     folder = Path(folder)
     path, meta = folder / CORPUS_FILE, folder / "corpus.json"
     want = json.loads(json.dumps(corpus_key(cfg)))

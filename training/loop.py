@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from training.atomic import atomic_path
 from training.config import TrainConfig
 from training.errors import CheckpointError, TrainingDiverged
 from training.paradigms import Paradigm
-
-CHECKPOINT_FILE = "state.pt"
+from training.trial_dir import STATE_FILE
 
 
 def seed_everything(seed: int) -> None:
@@ -128,19 +128,17 @@ def train_epoch(
 
 def save_state(path: Path, model: Paradigm, opt, sched, epoch: int) -> Path:
     """Atomically write everything needed to resume after ``epoch`` (1-based count done)."""
-    from training.shards import atomic_path
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch}
-    with atomic_path(path / CHECKPOINT_FILE) as tmp:
+    with atomic_path(path / STATE_FILE) as tmp:
         torch.save(state, tmp)
     return path
 
 
 def load_state(path: Path, model: Paradigm, opt, sched) -> int:
     """Restore a `save_state` checkpoint; returns the number of epochs already done."""
-    file = Path(path) / CHECKPOINT_FILE
+    file = Path(path) / STATE_FILE
     if not file.is_file():
         raise CheckpointError(f"{file}: no trial checkpoint here")
     try:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.atomic import atomic_path, atomic_write_json
 from training.config import TrainConfig, TrialConfig, config_digest
 from training.config.pretrain import (
     PRETRAIN_PREFIX,
@@ -37,7 +38,6 @@ from training.data import to_tensor
 from training.errors import ConfigError
 from training.fractals import cached_corpus, corpus_key, load_corpus
 from training.loop import (
-    CHECKPOINT_FILE,
     configure_threads,
     epoch_loader,
     load_state,
@@ -49,8 +49,8 @@ from training.loop import (
 )
 from training.models import Backbone, build_net, save_backbone_checkpoint
 from training.paradigms import Paradigm
-from training.shards import atomic_path, atomic_write_text
 from training.tracker import ConsoleTracker, Tracker
+from training.trial_dir import TrialDir
 
 PRETRAIN_VERSION = 1  # bump when the pre-training recipe changes, so cached backbones are rebuilt
 
@@ -142,13 +142,13 @@ def run_pretraining(
     model = Pretraining(net, label_smoothing=cfg.train.label_smoothing).to(dev)
     loop = loop_settings(cfg.train, device=device, threads=threads)
     opt, sched = make_optimizer(model, loop, len(epoch_loader(train_set, loop, 0)))
-    ckpt = run_dir / "checkpoint"
-    done = load_state(ckpt, model, opt, sched) if (ckpt / CHECKPOINT_FILE).is_file() else 0
+    run = TrialDir(run_dir)
+    done = load_state(run.checkpoint, model, opt, sched) if run.state.is_file() else 0
     metrics: dict[str, float] = {}
     for epoch in range(done, loop.epochs):
         metrics = train_epoch(model, epoch_loader(train_set, loop, epoch), opt, sched, loop, dev, epoch=epoch)
         metrics |= {"val_accuracy": accuracy(model.cam_net, val_set, dev), "epoch": epoch + 1}
-        save_state(ckpt, model, opt, sched, epoch + 1)
+        save_state(run.checkpoint, model, opt, sched, epoch + 1)
         tracker.log_metrics(metrics, step=epoch + 1)
     if not metrics:  # every epoch was done before: only the held-out score is recomputed
         metrics = {"val_accuracy": accuracy(model.cam_net, val_set, dev), "epoch": loop.epochs}
@@ -178,13 +178,13 @@ def ensure_pretrained(
         return path
     run_dir = path.with_suffix("")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+    atomic_write_json(run_dir / "config.json", cfg.to_dict())
     device = cfg.device if device is None else device
     threads = cfg.threads if threads is None else threads
     model, metrics = run_pretraining(
         cfg, run_dir, Path(cache), device=device, threads=threads, tracker=tracker or ConsoleTracker(run_dir)
     )
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))
+    TrialDir(run_dir).write_metrics(metrics)
     meta = {"config": json.dumps(cfg.to_dict()), "key": pretrain_key(cfg), "classes": cfg.corpus.classes}
     with atomic_path(path) as tmp:
         save_backbone_checkpoint(model.cam_net.net, tmp, meta=meta | {"val_accuracy": metrics["val_accuracy"]})

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from training.atomic import atomic_path, atomic_write_json
 from training.errors import DataError
 
 INDEX = "index.json"
@@ -32,23 +31,6 @@ class CamShard:
     cams: list[np.ndarray]
     logits: np.ndarray  # N float32 smoke logits
     labels: np.ndarray  # N int image labels (1 = smoke)
-
-
-@contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path beside ``path``; rename it over ``path`` on success."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 def sha256_file(path: Path) -> str:
@@ -82,7 +64,7 @@ def write_shards(
         _write_one(path, ids[part], cams[part], logits[part], labels[part])
         entries.append({"file": path.name, "n": len(ids[part]), "sha256": sha256_file(path)})
         paths.append(path)
-    atomic_write_text(cam_dir / INDEX, json.dumps({"shards": entries}, indent=1))
+    atomic_write_json(cam_dir / INDEX, {"shards": entries})
     return paths
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from training.atomic import atomic_path
 from training.config import DataConfig, TrialConfig, config_digest, save_config
 from training.data import TestDataset, TrainDataset, scan_test, scan_train
 from training.errors import DataError
@@ -35,9 +36,10 @@ from training.loop import (
 )
 from training.paradigms import Paradigm, build_paradigm, save_net_checkpoint
 from training.pretrain import pretrain_identity, resolve_pretrained
-from training.shards import atomic_path, atomic_write_text, write_shards
+from training.shards import write_shards
 from training.synth import generate
 from training.tracker import ConsoleTracker, Tracker
+from training.trial_dir import TrialDir
 from training.validation import Validation, load_validation, quick_validation, score_validation, split_validation
 
 EpochCallback = Callable[[dict[str, float], Path], None]
@@ -150,31 +152,31 @@ def cached_teacher_run(cfg: TrialConfig, cache: Path | None = None) -> Path | No
     return run_dir if done else None
 
 
-def reuse_run(run_dir: Path, out: Path, tracker: Tracker) -> dict[str, float]:
+def reuse_run(run_dir: Path, out: TrialDir, tracker: Tracker) -> dict[str, float]:
     """Copy a finished run's results (metrics, CAM shards, gallery, checkpoint) into ``out`` and
     replay its per-epoch metrics to ``tracker``: what training the same config again would give."""
-    for sub in ("checkpoint", "cams", "val_cams", "gallery"):
-        if (run_dir / sub).is_dir():
-            shutil.copytree(run_dir / sub, out / sub, dirs_exist_ok=True)
-    events = run_dir / "events.jsonl"
-    for line in events.read_text().splitlines() if events.is_file() else ():
+    src = TrialDir(run_dir)
+    for sub in (src.checkpoint, src.cams, src.val_cams, src.gallery):
+        if sub.is_dir():
+            shutil.copytree(sub, out.path / sub.name, dirs_exist_ok=True)
+    for line in src.events.read_text().splitlines() if src.events.is_file() else ():
         event = json.loads(line)
         if "metrics" in event and event.get("step") is not None:
             tracker.log_metrics(event["metrics"], step=event["step"])
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))
+    metrics = src.read_metrics()
+    out.write_metrics(metrics)
     tracker.set_tags({"wsss.reused_run": run_dir.name})
-    for path in sorted((out / "gallery").glob("*.png")):
+    for path in sorted(out.gallery.glob("*.png")):
         tracker.log_artifact(path, "gallery")
-    tracker.log_artifact(out / "config.yaml", None)
-    tracker.log_artifact(out / "metrics.json", None)
+    tracker.log_artifact(out.config, None)
+    tracker.log_artifact(out.metrics, None)
     return metrics
 
 
 def _rebuild_from_state(cfg: TrialConfig, run_dir: Path) -> Paradigm:
     # The saved state replaces every weight: build from scratch, never load pretrained ones first.
     model = build_paradigm(cfg.replace(**{"model.teacher.pretrained": "false", "model.student.pretrained": "false"}))
-    state = torch.load(run_dir / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
+    state = torch.load(TrialDir(run_dir).state, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     return model
 
@@ -211,10 +213,9 @@ def run_trial(
     Returns:
         The final metrics (also in ``metrics.json``).
     """
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    tracker = tracker or ConsoleTracker(out)
-    save_config(cfg, out / "config.yaml")
+    out = TrialDir(Path(out_dir).resolve()).create()
+    tracker = tracker or ConsoleTracker(out.path)
+    save_config(cfg, out.config)
     tracker.log_params(cfg.to_dict())
     cached = cached_teacher_run(cfg, cache) if reuse and resume_from is None else None
     if cached is not None:
@@ -246,7 +247,7 @@ def run_trial(
         if val is not None:
             metrics |= quick_validation(model.cam_net, val, cfg.cam, device)
         metrics["epoch"] = epoch + 1
-        ckpt = save_state(out / "checkpoint", model, opt, sched, epoch + 1)
+        ckpt = save_state(out.checkpoint, model, opt, sched, epoch + 1)
         tracker.log_metrics(metrics, step=epoch + 1)
         if on_epoch is not None:
             on_epoch(metrics, ckpt)
@@ -275,7 +276,7 @@ def finish_trial(
     model: Paradigm,
     cfg: TrialConfig,
     evalset: EvalSet,
-    out: Path,
+    out: TrialDir,
     device,
     tracker: Tracker,
     *,
@@ -288,18 +289,18 @@ def finish_trial(
     """
     workers = default_num_workers(device, cfg.data.num_workers)
     camset = extract_cams(model.cam_net, evalset, cfg.cam, device, num_workers=workers)
-    write_shards(out / "cams", camset.ids, camset.cams, camset.logits, camset.labels, shard_size=cfg.cam.shard_size)
+    write_shards(out.cams, camset.ids, camset.cams, camset.logits, camset.labels, shard_size=cfg.cam.shard_size)
     metrics = score(camset, evalset, cfg.cam.threshold)
     if val is not None:
         val_metrics, val_cams = score_validation(model.cam_net, val, cfg.cam, device, num_workers=workers)
         metrics |= val_metrics
         if val_cams is not None:
             c = val_cams
-            write_shards(out / "val_cams", c.ids, c.cams, c.logits, c.labels, shard_size=cfg.cam.shard_size)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))
+            write_shards(out.val_cams, c.ids, c.cams, c.logits, c.labels, shard_size=cfg.cam.shard_size)
+    out.write_metrics(metrics)
     tracker.log_metrics(metrics, step=cfg.train.epochs)
-    for path in save_gallery(camset, evalset, out / "gallery", cfg.cam.gallery):
-        tracker.log_artifact(path, "gallery")
-    tracker.log_artifact(out / "config.yaml", None)
-    tracker.log_artifact(out / "metrics.json", None)
+    for path in save_gallery(camset, evalset, out.gallery, cfg.cam.gallery):
+        tracker.log_artifact(path, out.gallery.name)  # the run mirrors the folder: gallery/
+    tracker.log_artifact(out.config, None)
+    tracker.log_artifact(out.metrics, None)
     return metrics

@@ -1,0 +1,271 @@
+"""The sweep driver: ``wsss sweep`` from a search space to its tables, one step after another.
+
+`run_sweep` reads top to bottom:
+
+1. **plan**: check the tracking store, expand the trials, record them in the
+   sweep's folder (`SweepDir`); nothing is trained and no run is created yet;
+2. **prepare**: if trials are left to run, start Ray and check the cluster; then
+   make what trials share, in the driver, so they never race for it: the MLflow
+   parent and child runs, the data, the frozen teachers, pre-trained backbones;
+3. **run**: the pending trials under Ray Tune (`tuner.run_trials`);
+4. **outcome**: how the sweep stands on disk, with MLflow brought up to date
+   (journals replayed, runs closed, tables logged);
+5. **refine**: once every trial finished, the ``refine:`` section's pipelines
+   over the CAM shards (skipped when this very refinement already completed);
+6. **summarise**: the parent run's description and best metrics, and the
+   sweep's two-line reading (which arm won, by how much, where each arm looks).
+
+A rerun goes through the same steps: finished trials are skipped on disk, so a
+settled sweep (every trial finished or diverged) starts no Ray and trains
+nothing, and only brings MLflow and the tables up to date.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.cluster import RaySession, check_cluster
+from orchestrator.offline import sync_trials, tracking_errors
+from orchestrator.space import SearchSpace, TrialSpec, check_checkpoints, expand
+from orchestrator.sweep_dir import SweepDir, SweepStatus
+from orchestrator.tracking import SweepTracking, TrackingUnavailable, check_reachable, store_exists
+from orchestrator.trainable import SweepContext, load_trial_hooks
+from orchestrator.tuner import run_trials
+from training.errors import ConfigError, WsssError
+from training.pretrain import resolve_pretrained
+from training.trial import cache_root, ensure_teacher, prepare_data
+
+EXPERIMENT = "wsss-sweeps"
+
+
+@dataclass
+class SweepOutcome:
+    """How a sweep ended: its trials' status on disk and the tables it logged."""
+
+    name: str
+    sweep: SweepDir
+    status: SweepStatus
+    tables: dict[str, str] = field(default_factory=dict)
+    reading: str = ""  # the two-line finding (orchestrator.reading), printed under the tables
+
+    @property
+    def complete(self) -> bool:
+        return self.status.complete
+
+
+def run_sweep(
+    space: SearchSpace,
+    *,
+    name: str,
+    storage: Path,
+    tracking_uri: str,
+    address: str | None = None,
+    storage_is_shared: bool = False,
+    num_cpus: int | None = None,
+) -> SweepOutcome:
+    """Run every unfinished trial of ``space``, then refine and summarise.
+
+    Args:
+        space: the validated search space.
+        name: sweep name (storage folder and MLflow parent run).
+        storage: folder holding ``<name>/``; on a multi-node cluster it must be
+            shared by every node (NFS), and ``storage_is_shared`` must say so.
+        tracking_uri: MLflow tracking URI (an ``http://`` server on a cluster).
+        address: an existing Ray cluster (``auto`` or ``host:port``); None = local.
+        storage_is_shared: ``storage`` is mounted on every node of the cluster.
+        num_cpus: CPUs of a local Ray instance (default: all).
+    """
+    sweep = SweepDir.of(storage, name)
+    trials = plan(space, sweep, tracking_uri)
+    prepared = None
+    with RaySession(address, num_cpus) as ray:
+        try:
+            pending = not sweep.status().settled  # diverged trials are not retried: they would diverge again
+            if pending:  # Ray, and the cluster checked, before any training (teachers train in prepare)
+                check_cluster(ray.start().nodes(), space.resources, storage_is_shared=storage_is_shared)
+            prepared = prepare(space, name, sweep, tracking_uri, trials)
+            if pending:
+                run_trials(space, prepared.trials, prepared.context)
+            outcome = settle(space, name, prepared)
+            if outcome.complete and space.refine:
+                outcome.tables |= refine(space, prepared, ray)
+            summarise(space, name, prepared, outcome)
+        except BaseException as err:
+            close_runs_after(err, prepared.tracking if prepared else None, tracking_uri, name)
+            raise
+    if not outcome.complete:
+        prepared.tracking.close_dangling("KILLED")  # an interrupted Tune leaves the runs of its trials open
+    return outcome
+
+
+# ---------------------------------------------------------------- 1, 2: plan and prepare
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `prepare` made: the trials as they will run (teachers pinned) and what they share."""
+
+    trials: list[TrialSpec]
+    context: SweepContext
+
+    @property
+    def sweep(self) -> SweepDir:
+        return self.context.sweep
+
+    @property
+    def tracking(self) -> SweepTracking:
+        return self.context.tracking
+
+
+def plan(space: SearchSpace, sweep: SweepDir, tracking_uri: str) -> list[TrialSpec]:
+    """Check the tracking store, then expand and record the trials (no training, no runs yet)."""
+    check_reachable(tracking_uri)
+    load_trial_hooks()  # a broken test seam fails here, before Ray, not in every trial
+    trials = expand(space)
+    check_checkpoints(trials)
+    sweep.record(space, trials)
+    return trials
+
+
+def prepare(space: SearchSpace, name: str, sweep: SweepDir, tracking_uri: str, trials: list[TrialSpec]) -> Prepared:
+    """Set up what trials share (MLflow runs, data, teachers, pre-trained backbones) in the driver."""
+    tracking = SweepTracking.open(
+        tracking_uri, EXPERIMENT, name, space=space.raw, description=sweep_description(space, name, len(trials))
+    )
+    cache = cache_root()
+    trials = _with_teachers(trials, sweep, cache)
+    for t in trials:  # pre-train each backbone a trial names once here, not in racing trials
+        resolve_pretrained(t.config, cache)
+    for cfg in {t.config.data for t in trials}:
+        prepare_data(cfg, cache)
+    status = sweep.status()
+    run_ids = {t.id: _child(tracking, t, {*status.finished, *status.failed}) for t in trials}
+    return Prepared(trials, SweepContext(sweep, tracking, run_ids, str(cache)))
+
+
+def _with_teachers(trials: list[TrialSpec], sweep: SweepDir, cache: Path) -> list[TrialSpec]:
+    """Train (or reuse) each distinct teacher once, copy it into the sweep folder
+    (shared storage on a cluster) and pin its path in the trials' configs."""
+    out = []
+    for t in trials:
+        cfg = t.config
+        if cfg.transfer.paradigm_info.frozen_teacher and not cfg.transfer.teacher_checkpoint:
+            pinned = sweep.pin_teacher(ensure_teacher(cfg, cache))
+            cfg = cfg.replace(**{"transfer.teacher_checkpoint": str(pinned)})
+        out.append(TrialSpec(t.id, t.overrides, cfg))
+    sweep.rewrite_configs(out)
+    return out
+
+
+def _child(tracking: SweepTracking, t: TrialSpec, settled: set[str]) -> str:
+    """The trial's MLflow run; created now (not by racing trials), and the run of a
+    finished or diverged trial is only looked up, never reopened."""
+    found = tracking.find_child(t.id) if t.id in settled else None
+    if found is not None:
+        return found.info.run_id
+    return tracking.child_run(t.id, run_name=t.run_name, params=t.config.to_dict())
+
+
+def sweep_description(space: SearchSpace, name: str, n_trials: int) -> str:
+    """The sweep file's description, or a plain one."""
+    return space.description or f"Sweep `{name}` from {space.source.name}: {n_trials} trials."
+
+
+# ---------------------------------------------------------------- 4, 5, 6: outcome, refine, summarise
+
+
+def settle(space: SearchSpace, name: str, ctx: Prepared) -> SweepOutcome:
+    """How the sweep stands on disk, with MLflow brought up to date (tables, statuses)."""
+    from orchestrator.tables import log_tables
+
+    sweep, tracking = ctx.sweep, ctx.tracking
+    outcome = SweepOutcome(name, sweep, sweep.status())
+    if outcome.complete:
+        sweep.mark_done(outcome.status)
+    try:
+        sync_trials(sweep, tracking, sweep.load_trials())  # what trials could not log while MLflow was away
+        rows = sweep.result_rows()
+        outcome.tables = log_tables(tracking.parent, rows, list(space.tables)) if rows else {}
+        if outcome.complete:
+            tracking.parent.set_status("FINISHED")
+        elif outcome.status.settled:
+            tracking.parent.set_tags({"wsss.failed_trials": ",".join(outcome.status.failed)})
+            tracking.parent.set_status("FAILED")
+    except tracking_errors() as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise TrackingUnavailable(
+            f"MLflow at {tracking.uri} stopped answering ({first}). Nothing is lost: every finished trial's "
+            f"results are on disk in {sweep.root}/trials/<id>/ (metrics.json, config.yaml, gallery/, and "
+            "unsynced.jsonl for what it could not log). Rerun the same `wsss sweep` command once the server "
+            "is back: finished trials are not retrained, and their runs, metrics and tables are logged then."
+        ) from None
+    return outcome
+
+
+def refine(space: SearchSpace, ctx: Prepared, ray: RaySession) -> dict[str, str]:
+    """Refine after the grid unless this refinement already completed (then reuse its tables).
+
+    A refinement cut short is resumed: its finished units are skipped on disk.
+    """
+    from orchestrator.refine_sweep import refine_sweep, refined_tables
+
+    done = refined_tables(space.refine, ctx.sweep)
+    if done is not None:
+        return done
+    ray.start()
+    return refine_sweep(space.refine, ctx.sweep, ctx.tracking)
+
+
+def summarise(space: SearchSpace, name: str, ctx: Prepared, outcome: SweepOutcome) -> None:
+    """The parent run's description and best metrics in MLflow (what the UI shows first), and
+    ``outcome.reading``, the finding in two lines."""
+    from orchestrator.reading import read_result
+    from orchestrator.summary import describe_sweep
+
+    rows = ctx.sweep.result_rows()
+    outcome.reading = read_result(rows)
+    if rows:
+        describe_sweep(
+            ctx.tracking, description=sweep_description(space, name, outcome.status.total), rows=rows,
+            total=outcome.status.total, failed=outcome.status.failed, tables=outcome.tables,
+        )  # fmt: skip
+
+
+def close_runs_after(err: BaseException, tracking: SweepTracking | None, tracking_uri: str, name: str) -> None:
+    """Leave no MLflow run RUNNING after the driver stops early (Ctrl-C twice, SIGTERM, an error)."""
+    status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+    if tracking is None and not store_exists(tracking_uri):
+        return  # stopped before any run was created; do not create a database just to look
+    try:
+        tracking = tracking or SweepTracking.find(tracking_uri, name, EXPERIMENT)
+        closed = tracking.close_dangling(status)
+    except (WsssError, *tracking_errors()):
+        return  # no sweep in MLflow yet, or MLflow is the problem; a rerun reopens and closes the runs
+    if closed:
+        print(f"closed {len(closed)} MLflow run(s) left running as {status}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- what the user reads
+
+
+def print_outcome(outcome: SweepOutcome, *, command: str, stream=None) -> None:
+    """The tables, then whether the sweep is complete and what to run next."""
+    stream = stream or sys.stdout
+    for title, text in outcome.tables.items():
+        print(f"\n## {title}\n\n{text}", file=stream)
+    status = outcome.status
+    print(f"\nsweep {outcome.name}: {len(status.finished)}/{status.total} trials finished, "
+          f"{len(status.failed)} failed", file=stream)  # fmt: skip
+    for trial_id in status.failed:
+        print(f"failed: {trial_id}: {outcome.sweep.failure_reason(trial_id)}", file=stream)
+    if not status.settled:
+        print(f"UNFINISHED: resume with\n  {command}", file=stream)
+    print(f"outputs in {outcome.sweep.root}", file=stream)
+
+
+def require_sweep(sweep: SweepDir) -> None:
+    """``--resume``: the sweep must exist already."""
+    if not sweep.exists():
+        raise ConfigError(f"--resume: no sweep at {sweep.root}")

@@ -1,0 +1,97 @@
+"""The run step of a sweep: its pending trials under Ray Tune.
+
+Trials are expanded by the project (`orchestrator.space`), not by Ray, so each
+pending trial's whole spec is one value of a grid: ids, configs and run names
+stay ours. What Tune varies is chosen in `_param_space`; a searcher that
+suggests trials instead of enumerating them plugs in beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from orchestrator.space import SearchSpace, TrialSpec
+from orchestrator.trainable import SweepContext, sweep_trainable
+from training.config import names
+from training.config.sweep import SchedulerSpec
+from training.registry import Registry
+
+SCHEDULERS: Registry = Registry("scheduler", names=names.SCHEDULERS)  # scheduler.type → Tune scheduler
+
+
+def run_trials(space: SearchSpace, trials: list[TrialSpec], ctx: SweepContext) -> None:
+    """Run (or, after an interruption, restore and go on with) the trials not finished on disk.
+
+    Returns when every trial has ended, or early on Ctrl-C / SIGTERM, with Tune's
+    state saved in the sweep's ``tune/`` folder for the next run.
+    """
+    from ray import tune
+
+    finished = set(ctx.sweep.status().finished)
+    pending = [t for t in trials if t.id not in finished]
+    trainable = tune.with_resources(tune.with_parameters(sweep_trainable, context=ctx), space.resources.as_ray())
+    tune_dir = str(ctx.sweep.tune)
+    if tune.Tuner.can_restore(tune_dir):
+        tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=_param_space(pending), tune_config=_tune_config(space),
+            run_config=_run_config(space, ctx),
+        )  # fmt: skip
+    tuner.fit()
+
+
+def _param_space(trials: list[TrialSpec]) -> dict[str, Any]:
+    from ray import tune
+
+    return {"trial": tune.grid_search([trial_param(t) for t in trials])}
+
+
+def trial_param(t: TrialSpec) -> dict[str, Any]:
+    """What a trial receives as ``config["trial"]``: its id, run name and resolved config (plain data)."""
+    return {"trial_id": t.id, "run_name": t.run_name, "config": json.loads(json.dumps(t.config.to_dict()))}
+
+
+@SCHEDULERS.register("none")
+def _no_scheduler(s: SchedulerSpec) -> None:
+    return None
+
+
+@SCHEDULERS.register("asha")
+def _asha(s: SchedulerSpec):
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="epoch", metric=s.metric, mode=s.mode, grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor, max_t=10_000,
+    )  # fmt: skip
+
+
+def _tune_config(space: SearchSpace):
+    from ray import tune
+
+    return tune.TuneConfig(
+        scheduler=SCHEDULERS.get(space.scheduler.type)(space.scheduler),
+        max_concurrent_trials=space.max_concurrent or None,
+        trial_name_creator=_trial_id,
+        trial_dirname_creator=_trial_id,
+    )
+
+
+def _trial_id(trial) -> str:
+    """Ray's names for a trial are ours, so its folders and logs read like the sweep."""
+    return trial.config["trial"]["trial_id"]
+
+
+def _run_config(space: SearchSpace, ctx: SweepContext):
+    from ray import tune
+
+    tune_dir = ctx.sweep.tune
+    return tune.RunConfig(
+        name=tune_dir.name,
+        storage_path=str(tune_dir.parent),
+        failure_config=tune.FailureConfig(max_failures=space.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=1,
+    )
