@@ -2,7 +2,8 @@
 
 For a benchmark whose seeds ran in more than one sweep (e.g. the demo's seed 42 and the other
 seeds in ``paradigms_quick``): the trials must share everything but ``train.seed``, which this
-script does not check beyond printing each trial's arm and seed. Prints a markdown table:
+script does not check beyond printing each trial's arm and seed. An arm's seed that two folders
+both hold counts once, from the folder named first. Prints a markdown table:
 one row per arm, one column per metric, ``mean ± sd (n)`` (sample sd; n = trials).
 
 Usage::
@@ -29,8 +30,12 @@ def main() -> None:
     args = parser.parse_args()
     metrics = args.metrics.split(",")
     values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    seen: set[tuple[str, float]] = set()
     for folder in args.sweeps:
         for row in SweepDir(folder.resolve()).result_rows():
+            if (row["arm"], row["train.seed"]) in seen:
+                continue
+            seen.add((row["arm"], row["train.seed"]))
             print(f"<!-- {folder.name}/{row['trial_id']}: {row['arm']} seed {row['train.seed']:g} -->")
             for m in metrics:
                 if isinstance(row.get(m), int | float):

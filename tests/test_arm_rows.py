@@ -30,7 +30,7 @@ def _sweep(tmp_path: Path, name: str, seeds: list[int], mious: list[float]) -> P
 
 def test_seeds_from_two_sweeps_are_pooled_per_arm(tmp_path: Path) -> None:
     first = _sweep(tmp_path, "a", [42], [0.2])
-    second = _sweep(tmp_path, "b", [1, 2], [0.3, 0.4])
+    second = _sweep(tmp_path, "b", [1, 2, 42], [0.3, 0.4, 0.9])  # seed 42 again: counted from "a"
     other = _sweep(tmp_path, "c", [7], [0.5])
     unfinished = SweepDir(other)
     unfinished.trial(next(iter(unfinished.load_trials()))).metrics.unlink()
