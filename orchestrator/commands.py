@@ -169,6 +169,7 @@ def run_sweep_command(args) -> int:
     print_outcome(outcome, command=command)
     if outcome.complete:
         print(f"\n{_browse_hint(uri, name)}")
+    print(f"\n{outcome.reading}", end="")  # the finding, last
     return 0 if outcome.complete else 3
 
 

@@ -12,7 +12,8 @@
    (journals replayed, runs closed, tables logged);
 5. **refine**: once every trial finished, the ``refine:`` section's pipelines
    over the CAM shards (skipped when this very refinement already completed);
-6. **summarise**: the parent run's description and best metrics.
+6. **summarise**: the parent run's description and best metrics, and the
+   sweep's two-line reading (which arm won, by how much, where each arm looks).
 
 A rerun goes through the same steps: finished trials are skipped on disk, so a
 settled sweep (every trial finished or diverged) starts no Ray and trains
@@ -50,6 +51,7 @@ class SweepOutcome:
     status: SweepStatus
     tables: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # trial id → why Tune gave up on it (this run)
+    reading: str = ""  # the two-line finding (orchestrator.reading), printed under the tables
 
     @property
     def complete(self) -> bool:
@@ -265,10 +267,13 @@ def trial_errors(results) -> dict[str, str]:
 
 
 def summarise(space: SearchSpace, name: str, ctx: Prepared, outcome: SweepOutcome) -> None:
-    """The parent run's description and best metrics in MLflow (what the UI shows first)."""
+    """The parent run's description and best metrics in MLflow (what the UI shows first), and
+    ``outcome.reading``, the finding in two lines."""
+    from orchestrator.reading import read_result
     from orchestrator.summary import describe_sweep
 
     rows = ctx.sweep.result_rows()
+    outcome.reading = read_result(rows)
     if rows:
         describe_sweep(
             ctx.tracking, description=sweep_description(space, name, outcome.status.total), rows=rows,

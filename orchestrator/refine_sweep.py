@@ -39,7 +39,7 @@ def refine_sweep(
     rows = sweep.result_rows()
     if not rows:
         raise ConfigError(f"{sweep.root}: no finished trial to refine yet")
-    chosen = select_trials(rows, trials or section.trials)
+    chosen = select_trials(rows, trials or section.trials, metric=section.rank_by)
     units = make_units({t: sweep.trial(t).path for t in chosen}, section.pipelines)
     results = refine_units(
         units,

@@ -133,7 +133,8 @@ def check_checkpoints(trials: list[TrialSpec]) -> None:
 
 def _checkpoint_paths(cfg: TrialConfig) -> list[tuple[str, str]]:
     paths = [(f"model.{net}.pretrained", getattr(cfg.model, net).pretrained) for net in ("teacher", "student")]
-    # only files: `pretrain:` references and packaged weights names are checked when the config is built
+    # only files: `pretrain:` references and registered weights names are checked when the config
+    # is built (the named file ships inside an installed package), true/false name no file
     paths = [(k, v) for k, v in paths if names.pretrained_kind(v) == "file"]
     if cfg.transfer.teacher_checkpoint:
         paths.append(("transfer.teacher_checkpoint", cfg.transfer.teacher_checkpoint))

@@ -34,6 +34,7 @@ class Cell:
 
     mean: float
     count: int
+    sd: float = 0.0  # sample standard deviation (n − 1); 0 for one trial
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,12 @@ class Pivot:
     cells: Mapping[tuple[tuple, tuple], Cell]
 
     def text(self, row_key: tuple, col_key: tuple) -> str:
-        """The cell as shown: formatted mean, ``(n=k)`` when k>1 trials, or ``—``."""
+        """The cell as shown: formatted mean, ``± sd (n=k)`` when k>1 trials (seeds), or ``—``."""
         cell = self.cells.get((row_key, col_key))
         if cell is None:
             return MISSING
         shown = self.spec.fmt.format(cell.mean)
-        return shown if cell.count == 1 else f"{shown} (n={cell.count})"
+        return shown if cell.count == 1 else f"{shown} ± {self.spec.fmt.format(cell.sd)} (n={cell.count})"
 
     def column_labels(self) -> list[str]:
         """Column headers: the column fields' values joined by spaces."""
@@ -83,7 +84,7 @@ def _sort_key(values: tuple) -> tuple:
 
 
 def pivot(rows: Iterable[Mapping[str, Any]], spec: TableSpec) -> Pivot:
-    """Average ``spec.value`` over trials sharing a row and column key.
+    """Average ``spec.value`` over trials sharing a row and column key (mean and sample sd).
 
     Rows without a numeric ``spec.value`` (failed trials) are skipped; a missing
     row/column field counts as its own value, shown ``—``.
@@ -100,10 +101,16 @@ def pivot(rows: Iterable[Mapping[str, Any]], spec: TableSpec) -> Pivot:
         row_key = tuple(row.get(k) for k in spec.rows)
         col_key = tuple(row.get(k) for k in spec.columns)
         sums[(row_key, col_key)].append(value * spec.scale)
-    cells = {key: Cell(sum(vs) / len(vs), len(vs)) for key, vs in sums.items()}
+    cells = {key: _cell(vs) for key, vs in sums.items()}
     row_keys = tuple(sorted({r for r, _ in cells}, key=_sort_key))
     col_keys = tuple(sorted({c for _, c in cells}, key=_sort_key))
     return Pivot(spec, row_keys, col_keys, cells)
+
+
+def _cell(values: list[float]) -> Cell:
+    mean = sum(values) / len(values)
+    spread = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return Cell(mean, len(values), math.sqrt(spread))
 
 
 def _markdown(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:

@@ -221,6 +221,10 @@ def _space(tmp_path: Path, **sections) -> Path:
             {"refine": {"pipelines": [[{"step": "crf", "recipe": "thesys"}]]}},
             r"pipeline\[0\] \(crf\): recipe: unknown CRF recipe 'thesys' \(did you mean \"thesis\"\?\); valid: psa",
         ),
+        (
+            {"set": {"transfer.paradigm": "teacher_student", "transfer.teacher_data": {"synth.chimney_with_smok": 0}}},
+            r"transfer\.teacher_data\.synth\.chimney_with_smok: unknown key \(did you mean \"chimney_with_smoke\"\?\)",
+        ),
     ],
     ids=[
         "unknown-section", "unknown-key", "unknown-paradigm", "metric-level", "negative-lambda", "empty-scales",
@@ -228,7 +232,7 @@ def _space(tmp_path: Path, **sections) -> Path:
         "refine-unknown-step",
         "refine-unknown-field", "refine-bad-value", "refine-bad-sam-value", "weight-cam-with-token-head",
         "token-head-on-a-cnn", "target-channels", "unknown-teacher-target", "unknown-normalisation",
-        "unknown-crf-recipe",
+        "unknown-crf-recipe", "teacher-data-typo",
     ],
 )  # fmt: skip
 def test_validate_names_the_culprit(tmp_path, capsys, sections, expected):

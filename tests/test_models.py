@@ -281,3 +281,15 @@ def test_keep_stages_reads_the_cam_at_a_middle_stage() -> None:
 def test_keep_stages_bad_input(cfg: NetConfig, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_net(cfg, image_size=64)
+
+
+@torch.no_grad()
+def test_hybrid_vit_tokens_count_the_stems_stride() -> None:
+    """timm's hybrid ViT (a ResNet stem, stride 4, then 2 px patches): 8 px per token, so 32 px → 4×4."""
+    net = _net("vit", name="vit_tiny_r_s16_p8_224", options={"patch_size": 2, "depth": 1, "embed_dim": 32,
+                                                               "num_heads": 2})  # fmt: skip
+    assert net.patch == (8, 8)
+    logits, fmap = net(_images(2, 32, 48))
+    assert tuple(fmap.shape) == (2, 32, 4, 6) and logits.shape == (2, 1)
+    cam_raw = torch.einsum("bchw,c->bhw", fmap, net.classifier.weight[0])
+    assert torch.allclose(cam_raw.mean((1, 2)) + net.classifier.bias[0], logits[:, 0], atol=1e-5)  # avg head

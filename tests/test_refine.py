@@ -114,6 +114,11 @@ def test_select_trials(spec, expected):
     assert select_trials(ROWS, spec) == expected
 
 
+def test_select_trials_on_the_validation_metric():
+    rows = [{**row, "val_miou": v} for row, v in zip(ROWS, [0.3, 0.1, 0.2, 0.0], strict=True)]
+    assert select_trials(rows, "best:2", metric="val_miou") == ["a", "c"]  # not b and d, the test set's best
+
+
 @pytest.mark.parametrize(("spec", "match"), [("best:0", "best:K"), ("best:x", "best:K"), ("a,zz", "zz.*known: a, b")])
 def test_select_trials_errors(spec, match):
     with pytest.raises(ConfigError, match=match):

@@ -245,6 +245,8 @@ def test_refine_section_parses_grids_actors_and_keeps_the_raw_section() -> None:
     assert section.pipelines == ([{"step": "crf", "scale": 2}], [{"step": "crf", "scale": 12}])
     assert (section.trials, section.cpu_actors, section.gpu_actors, section.max_retries) == (("a", "b"), 0, 0, 2)
     assert section.raw == raw
+    assert section.rank_by == "miou"
+    assert RefineSection.from_dict({**raw, "rank_by": "val_miou"}).rank_by == "val_miou"
 
 
 @pytest.mark.parametrize(
@@ -252,6 +254,7 @@ def test_refine_section_parses_grids_actors_and_keeps_the_raw_section() -> None:
     [
         ({"pipelines": [[]], "trials": "best:0"}, r"refine\.trials: 'best:0'; expected best:K"),
         ({"pipelines": [[]], "trials": 3}, r"refine\.trials: expected best:K, all, or trial ids, got 3"),
+        ({"pipelines": [[]], "rank_by": ""}, r"refine\.rank_by: expected a result key such as miou or val_miou"),
         ({"pipelines": [[]], "gpu_actors": -1}, r"refine\.gpu_actors: expected an integer ≥ 0, got -1"),
         ({"pipelines": [[]], "max_retry": 1}, r'unknown key\(s\) max_retry; .*\(did you mean "max_retries"\?\)'),
         ({"pipelines": [[{"step": "crf", "sacle": 1}]]}, r'no parameter\(s\) sacle; .*\(did you mean "scale"\?\)'),

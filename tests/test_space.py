@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.space import expand, load_space, run_name
+from orchestrator.space import check_checkpoints, expand, load_space, run_name
 from training.errors import CheckpointError, ConfigError
 
 SHIPPED = sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml"))
@@ -29,6 +29,7 @@ def test_every_shipped_space_validates(path):
     trials = expand(space)
     assert trials, f"{path.name} expands to no trial"
     assert len({t.id for t in trials}) == len(trials)
+    check_checkpoints(trials)  # registered weights names (pretrained: efficientnet_lite0_imagenet) are no files
 
 
 def test_grid_is_a_cartesian_product_with_zipped_axes_and_includes(tmp_path):

@@ -113,7 +113,11 @@ def test_rerunning_a_finished_sweep_adds_nothing_and_retrains_nothing(sweep_dir,
     _, before = _runs(sweep_dir)
     monkeypatch.chdir(sweep_dir)
     assert main(["sweep", "tiny.yaml", "--num-cpus", "2"]) == 0
-    assert "2/2 trials finished" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2/2 trials finished" in out
+    reading, context = out.rstrip("\n").splitlines()[-2:]  # the finding is printed last, from the driver's summary
+    assert reading.startswith("Reading: ") and " has the best miou, " in reading
+    assert context.startswith("Chimney share of the CAM (context_activation")
     _, after = _runs(sweep_dir)
     assert sorted(r.info.run_id for r in after) == sorted(r.info.run_id for r in before)
     assert all(r.info.status == "FINISHED" for r in after)

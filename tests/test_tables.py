@@ -68,6 +68,7 @@ def test_pivot_averages_duplicates_and_keeps_counts():
     assert table.col_keys == (("cosine", "global"), ("l1", "global"))
     cell = table.cells[(("teacher_student",), ("cosine", "global"))]
     assert cell.count == 2 and cell.mean == pytest.approx(45.0)
+    assert cell.sd == pytest.approx(50**0.5)  # √(((40 − 45)² + (50 − 45)²) / (2 − 1)) = √50 = 7.07
     assert (("co_training",), ("l1", "global")) not in table.cells
     assert table.text(("co_training",), ("l1", "global")) == "—"
 
@@ -89,7 +90,7 @@ def test_markdown_exact():
         "| transfer.paradigm | cosine global | l1 global |\n"
         "|---|---|---|\n"
         "| co_training | 45.93 | — |\n"
-        "| teacher_student | 45.00 (n=2) | 38.39 |\n"
+        "| teacher_student | 45.00 ± 7.07 (n=2) | 38.39 |\n"
     )
 
 

@@ -105,7 +105,8 @@ class Backbone(nn.Module):
 
     @property
     def patch(self) -> tuple[int, int]:
-        return tuple(self.net.patch_embed.patch_size)
+        """Pixels per token (h, w): the patch size, times the stem's stride for a hybrid ViT (a conv stem)."""
+        return tuple(self.net.patch_embed.feat_ratio(as_scalar=False))
 
     def forward_with_blocks(
         self, images: torch.Tensor, blocks: list[int]
@@ -206,7 +207,7 @@ def keep_stages(net: nn.Module, n: int) -> nn.Module:
     n-th stage's output, so that map is the feature map, the CAM and the transfer
     target. At 64 px the last stages of an ImageNet EfficientNet see far more than the
     whole image (output stride 8 dilates them), and their CAM is spread over the frame;
-    a middle stage still localises (docs/results.md, "CPU benchmark with a pretrained CNN").
+    a middle stage still localises (docs/results.md, "Choosing trials/bench.yaml").
 
     Raises:
         ConfigError: the model has no ``blocks``/``conv_head`` layout, or ``n`` is not

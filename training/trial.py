@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,14 +102,17 @@ def subsets_of_test_images(root: Path, ids: list[str]) -> list[str] | None:
 
 
 def teacher_config(cfg: TrialConfig) -> TrialConfig:
-    """The baseline-CNN trial that produces the frozen teacher of ``cfg``."""
+    """The baseline-CNN trial that produces the frozen teacher of ``cfg``: trained on
+    ``cfg.teacher_train_data`` (the trial's data unless ``transfer.teacher_data`` says otherwise)."""
     return cfg.replace(
         **{
             "name": "teacher",
+            "data": dataclasses.asdict(cfg.teacher_train_data),
             "transfer.paradigm": "baseline",
             "transfer.baseline_network": "teacher",
             "transfer.teacher_checkpoint": "",
             "scd": None,  # scd_with_teacher's settings are the student's, not the teacher's
+            "transfer.teacher_data": {},
             "train.epochs": cfg.train.teacher_epochs,
             "train.lr": cfg.train.teacher_lr,
         }
@@ -142,11 +146,51 @@ def ensure_teacher(cfg: TrialConfig, cache: Path | None = None, *, tracker: Trac
         return path
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tcfg = teacher_config(cfg)
-    run_trial(tcfg, run_dir, tracker=tracker or ConsoleTracker(run_dir), cache=cache)
+    run_trial(tcfg, run_dir, tracker=tracker or ConsoleTracker(run_dir), cache=cache, reuse=False)
     model = _rebuild_from_state(tcfg, run_dir)
     with atomic_path(path) as tmp:
         save_net_checkpoint(model.cam_net, tmp, meta={"config": json.dumps(tcfg.to_dict())})
     return path
+
+
+def is_own_teacher(cfg: TrialConfig) -> bool:
+    """True for a baseline-CNN trial that is the teacher run of its own config: the same data,
+    teacher network and training (``train.epochs``/``lr`` equal to ``teacher_epochs``/``teacher_lr``),
+    so its cached teacher run (`ensure_teacher`) is this trial's result."""
+    if cfg.transfer.paradigm != "baseline" or cfg.transfer.cam_network != "teacher":
+        return False
+    neutral = {"name": "teacher", "train.device": "auto", "train.threads": 0, "train.teacher_cache": "float16"}
+    return teacher_config(cfg).replace(**neutral) == cfg.replace(**neutral, **{"transfer.teacher_checkpoint": ""})
+
+
+def cached_teacher_run(cfg: TrialConfig, cache: Path | None = None) -> Path | None:
+    """The finished teacher run in the cache that *is* trial ``cfg`` (`is_own_teacher`), or None."""
+    if not is_own_teacher(cfg):
+        return None
+    run_dir = (cache or cache_root()) / "teachers" / f"teacher-{teacher_key(cfg)}"
+    done = (run_dir / "metrics.json").is_file() and (run_dir.parent / f"{run_dir.name}.pt").is_file()
+    return run_dir if done else None
+
+
+def reuse_run(run_dir: Path, out: TrialDir, tracker: Tracker) -> dict[str, float]:
+    """Copy a finished run's results (metrics, CAM shards, gallery, checkpoint) into ``out`` and
+    replay its per-epoch metrics to ``tracker``: what training the same config again would give."""
+    src = TrialDir(run_dir)
+    for sub in (src.checkpoint, src.cams, src.val_cams, src.gallery):
+        if sub.is_dir():
+            shutil.copytree(sub, out.path / sub.name, dirs_exist_ok=True)
+    for line in src.events.read_text().splitlines() if src.events.is_file() else ():
+        event = json.loads(line)
+        if "metrics" in event and event.get("step") is not None:
+            tracker.log_metrics(event["metrics"], step=event["step"])
+    metrics = src.read_metrics()
+    out.write_metrics(metrics)
+    tracker.set_tags({"wsss.reused_run": run_dir.name})
+    for path in sorted(out.gallery.glob("*.png")):
+        tracker.log_artifact(path, "gallery")
+    tracker.log_artifact(out.config, None)
+    tracker.log_artifact(out.metrics, None)
+    return metrics
 
 
 def _rebuild_from_state(cfg: TrialConfig, run_dir: Path) -> Paradigm:
@@ -169,9 +213,13 @@ def run_trial(
     resume_from: Path | None = None,
     cache: Path | None = None,
     teacher_checkpoint: str | None = None,
+    reuse: bool = True,
 ) -> dict[str, float]:
     """Train and evaluate one trial; write ``config.yaml``, ``metrics.json``,
     ``checkpoint/``, ``cams/`` and ``gallery/`` into ``out_dir``.
+
+    A baseline-CNN trial that is its own teacher (`is_own_teacher`) is not trained again
+    when that teacher's run is cached: its results are copied (`reuse_run`).
 
     Args:
         cfg: the resolved trial config.
@@ -181,6 +229,7 @@ def run_trial(
         resume_from: a checkpoint folder written by an earlier run of this trial.
         cache: cache folder for synthetic data, teachers and pre-trained backbones (default `cache_root()`).
         teacher_checkpoint: overrides ``cfg.transfer.teacher_checkpoint``.
+        reuse: copy a cached teacher run that is this trial instead of training (see above).
     Returns:
         The final metrics (also in ``metrics.json``).
     """
@@ -188,6 +237,10 @@ def run_trial(
     tracker = tracker or ConsoleTracker(out.path)
     save_config(cfg, out.config)
     tracker.log_params(cfg.to_dict())
+    cached = cached_teacher_run(cfg, cache) if reuse and resume_from is None else None
+    if cached is not None:
+        print(f"{cfg.name}: the cached teacher run {cached.name} is this trial (same config); copied, not retrained")
+        return reuse_run(cached, out, tracker)
     configure_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     root = prepare_data(cfg.data, cache)

@@ -156,6 +156,8 @@ class RefineSection:
         pipelines: the concrete pipeline specs (``{grid: [...]}`` expanded,
             duplicates by key dropped), each a list of ``{"step": name, **fields}``.
         trials: ``best:K``, ``all``, ``id,id`` or a list of trial ids.
+        rank_by: the result key ``best:K`` ranks by (``val_miou`` to choose on the validation
+            split, as settings must be; default ``miou``).
         cpu_actors: actors for CRF / superpixel units; 0 = one per CPU of the cluster.
         gpu_actors: actors for SAM units (one GPU each).
         max_retries: times a unit is requeued after its actor died.
@@ -164,6 +166,7 @@ class RefineSection:
 
     pipelines: tuple[list[dict[str, Any]], ...]
     trials: str | tuple[str, ...] = "all"
+    rank_by: str = "miou"
     cpu_actors: int = 0
     gpu_actors: int = 0
     max_retries: int = 2
@@ -184,11 +187,14 @@ class RefineSection:
         elif not isinstance(trials, str):
             raise ConfigError(f"refine.trials: expected best:K, all, or trial ids, got {trials!r}")
         best_k(trials)
+        rank_by = section.get("rank_by", cls.rank_by)
+        if not isinstance(rank_by, str) or not rank_by:
+            raise ConfigError(f"refine.rank_by: expected a result key such as miou or val_miou, got {rank_by!r}")
         counts = {k: section.get(k, getattr(cls, k)) for k in ("cpu_actors", "gpu_actors", "max_retries")}
         counts["cpu_actors"] = counts["cpu_actors"] or 0  # `cpu_actors:` left empty means all CPUs too
         for key, value in counts.items():
             check_int(f"refine.{key}", value, low=0)
-        return cls(tuple(pipelines), trials, **counts, raw=dict(section))
+        return cls(tuple(pipelines), trials, rank_by, **counts, raw=dict(section))
 
 
 REFINE_KEYS = tuple(f.name for f in dataclasses.fields(RefineSection) if f.name != "raw")

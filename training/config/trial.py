@@ -65,6 +65,10 @@ class TransferConfig:
     baseline_network: str = "student"  # baseline only: "student" (ViT) or "teacher" (CNN)
     teacher_checkpoint: str = ""  # teacher_student: frozen teacher; "" = train one first
     teacher_target: str = "classifier_map"  # a names.TEACHER_TARGETS name: what the student is aligned with
+    # teacher_student: ``data`` overrides (keys relative to the data section, e.g. ``synth.chimney_with_smoke``)
+    # for the teacher's own training only; {} = the student's data. The student, the teacher feature cache
+    # and every metric keep this trial's ``data`` (see `teacher_data_config`).
+    teacher_data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def paradigm_info(self) -> names.ParadigmInfo:
@@ -178,6 +182,7 @@ class TrialConfig:
         self._check_cam_network()
         self._check_teacher_target()
         self._check_scd()
+        self._check_teacher_data()
 
     def _check_cam_network(self) -> None:
         net, role = self.cam_net, self.transfer.cam_network
@@ -230,6 +235,23 @@ class TrialConfig:
                 f"{net.name} with head {net.head!r} classifies from its class token; set model.{role}.head: avg"
             )
 
+    def _check_teacher_data(self) -> None:
+        t = self.transfer
+        if not t.teacher_data:
+            return
+        if not t.paradigm_info.frozen_teacher:
+            frozen = ", ".join(p for p in names.PARADIGMS if names.PARADIGMS.get(p).frozen_teacher)
+            raise ConfigError(
+                f"transfer.teacher_data: only a paradigm that trains its teacher first ({frozen}) has separate "
+                f"teacher data; transfer.paradigm is {t.paradigm!r}; remove the key"
+            )
+        teacher_data_config(self.data, t.teacher_data)
+
+    @property
+    def teacher_train_data(self) -> DataConfig:
+        """The data the frozen teacher is trained on: ``data`` with ``transfer.teacher_data`` applied."""
+        return teacher_data_config(self.data, self.transfer.teacher_data)
+
     def to_dict(self) -> dict[str, Any]:
         return plain(dataclasses.asdict(self))
 
@@ -244,6 +266,47 @@ class TrialConfig:
         for key, value in overrides.items():
             set_dotted(d, key, value)
         return from_dict(TrialConfig, d)
+
+
+def teacher_data_config(data: DataConfig, overrides: dict[str, Any]) -> DataConfig:
+    """``data`` with the teacher's overrides applied, built and checked like the data section.
+
+    Args:
+        data: the trial's data section.
+        overrides: dotted keys relative to the data section (``{"synth.chimney_with_smoke": 0.5}``);
+            nested mappings are merged key by key, so ``{"synth": {"seed": 1}}`` keeps the other
+            synth fields.
+    Raises:
+        ConfigError: an unknown key or a bad value, named ``transfer.teacher_data.<key>``; other
+            synthetic data in the one folder ``data.root`` names.
+    """
+    path = "transfer.teacher_data"
+    merged = apply_overrides(plain(dataclasses.asdict(data)), _leaves(overrides))
+    try:
+        built = from_dict(DataConfig, merged, path)
+    except ConfigError as err:  # the synth section checks its values without knowing its path
+        msg = str(err)
+        raise ConfigError(msg if msg.startswith(path) else f"{path}.{msg}") from None
+    check_tree(built, path)
+    built.check(path)
+    if built.source == "synthetic" and built.synth != data.synth and built.root and built.root == data.root:
+        raise ConfigError(
+            f"{path}: changes data.synth, but data.root pins the generated dataset to one folder ({data.root}); "
+            f"give the teacher its own with {path}.root, or leave data.root empty (the cache keys each dataset)"
+        )
+    return built
+
+
+def _leaves(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"synth": {"seed": 1}, "image_size": 64}`` → ``{"synth.seed": 1, "image_size": 64}``."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= _leaves(value, f"{dotted}.")
+        else:
+            out[dotted] = value
+    return out
 
 
 def load_trial_config(path: Path, overrides: list[str] | dict[str, Any] = ()) -> TrialConfig:
