@@ -53,7 +53,9 @@ class SweepSearcher(Searcher):
     """Re-issues the pending recorded trials, then suggests new ones (see the module docstring)."""
 
     def __init__(self, space: SearchSpace, ctx: SweepContext, pending: list[TrialSpec]) -> None:
-        super().__init__(metric=space.search.metric, mode=space.search.mode)
+        # No metric for Tune: it would demand search.metric in every epoch's report, and only the final one
+        # holds it; the metric is read from the trials' metrics.json (`orchestrator.search.observations`).
+        super().__init__(metric=None, mode=None)
         self.space, self.ctx = space, ctx
         self.queue = list(pending)
         self.run_ids = dict(ctx.run_ids)
