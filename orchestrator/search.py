@@ -88,14 +88,14 @@ def point_params(space: SearchSpace, trial: TrialSpec) -> dict[str, Any] | None:
         return None
     config = trial.config.to_dict()
     params = {key: trial.overrides.get(key, _dotted(config, key)) for key in dists}
-    for key, dist in dists.items():
-        try:
-            inside = dist._contains(dist.to_internal_repr(params[key]))
-        except (ValueError, TypeError):
-            inside = False
-        if not inside:
-            return None
-    return params
+    return params if all(_inside(dist, params[key]) for key, dist in dists.items()) else None
+
+
+def _inside(dist: Any, value: Any) -> bool:
+    """``value`` is one of a categorical's choices, or a number within a float/int range."""
+    if hasattr(dist, "choices"):
+        return value in dist.choices
+    return isinstance(value, int | float) and not isinstance(value, bool) and dist.low <= value <= dist.high
 
 
 def observations(space: SearchSpace, sweep: SweepDir) -> list[Observation]:
