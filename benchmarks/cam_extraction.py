@@ -46,7 +46,7 @@ def main() -> None:
 
     from training.cams import multiscale_cams
     from training.config import CamConfig
-    from training.data import TestDataset, scan_test
+    from training.data import EvalDataset, scan_test
     from training.evaluate import EvalSet, extract_cams
     from training.loop import pick_device
     from training.models import build_net
@@ -58,7 +58,7 @@ def main() -> None:
     size = cfg.data.image_size
     device = pick_device("auto")
     root = generate(SynthConfig(size=size, n_train=2, n_test=args.images, seed=1), Path(tempfile.mkdtemp()) / "d")
-    evalset = EvalSet.load(TestDataset(scan_test(root), image_size=size, mean=cfg.data.mean, std=cfg.data.std))
+    evalset = EvalSet.load(EvalDataset(scan_test(root), image_size=size, mean=cfg.data.mean, std=cfg.data.std))
     torch.manual_seed(0)
     net = build_net(getattr(cfg.model, args.net), image_size=size).to(device).eval()
     cam_cfg = CamConfig(scales=tuple(float(s) for s in args.scales.split(",")), batch_size=args.batch)

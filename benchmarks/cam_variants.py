@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from training.cams import scaled_size
 from training.config import load_trial_config
-from training.data import TestDataset
+from training.data import EvalDataset
 from training.evaluate import EvalSet
 from training.loop import configure_threads
 from training.metrics import cam_scores, miou
@@ -143,7 +143,7 @@ def main() -> None:
         pick = np.linspace(0, len(ev.gts) - 1, min(args.limit, len(ev.gts))).astype(int).tolist()
         items = [ev.dataset.items[i] for i in pick]
         norm = {"image_size": cfg.data.image_size, "mean": cfg.data.mean, "std": cfg.data.std}
-        ev = EvalSet(TestDataset(items, **norm), [ev.gts[i] for i in pick], [ev.contexts[i] for i in pick])
+        ev = EvalSet(EvalDataset(items, **norm), [ev.gts[i] for i in pick], [ev.contexts[i] for i in pick])
     scale_sets = [tuple(float(s) for s in group.split(",")) for group in (args.scales or ["0.5,1.0,1.5,2.0"])]
     layers = args.layers.split(",")
     raw = raw_cams(net, ev.dataset, layers, sorted({s for group in scale_sets for s in group}))

@@ -37,11 +37,14 @@ class RaySession:
         address: an existing Ray cluster (``auto`` or ``host:port``); None = the
             Ray job's cluster when run inside ``ray job submit``, else a local Ray.
         num_cpus: CPUs of a local Ray instance (default: all).
+        verbose: Ray's own logging at INFO and the workers' output in the driver's
+            (default: warnings only, the workers' logs in Ray's log folder).
     """
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, *, verbose: bool = False) -> None:
         self.address = address
         self.num_cpus = num_cpus
+        self.verbose = verbose
         self.started = False
         self._sigterm = None
 
@@ -52,7 +55,7 @@ class RaySession:
     def start(self) -> RaySession:
         """Start (or join) Ray unless this session already did; returns self."""
         if not self.started:
-            start_ray(self.address, self.num_cpus)
+            start_ray(self.address, self.num_cpus, verbose=self.verbose)
             self.started = True
             _forward_sigterm()  # ray.init installs its own SIGTERM handler in the driver: ours goes on top
         return self
@@ -73,7 +76,7 @@ class RaySession:
             _restore_sigterm(self._sigterm)
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def start_ray(address: str | None = None, num_cpus: int | None = None, *, verbose: bool = False) -> None:
     """``ray.init`` as every driver command wants it (see `RaySession` for the arguments)."""
     import ray
 
@@ -84,8 +87,11 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     env |= {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
     address = address or job_cluster()
-    if address:  # workers' logs stay on their nodes, as below (Tune reports a failing trial's error)
-        ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING", log_to_driver=False)
+    # Workers' own logs ("Checkpoint successfully created" each epoch) stay in Ray's log folder
+    # on their node unless verbose; a failing trial is still reported by Tune with its error file.
+    quiet = {"logging_level": "INFO" if verbose else "WARNING", "log_to_driver": verbose}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, **quiet)
         return
     ray.init(
         # "local": a new instance even while a `ray start` cluster runs on this machine (which a
@@ -95,10 +101,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         include_dashboard=False,
         object_store_memory=300 * 1024 * 1024,  # trials pass paths, not arrays
         runtime_env={"env_vars": env},
-        logging_level="WARNING",
-        # Workers' own logs ("Checkpoint successfully created" each epoch) stay in Ray's log
-        # folder; a failing trial is still reported by Tune with its error file.
-        log_to_driver=False,
+        **quiet,
     )
 
 

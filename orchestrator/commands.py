@@ -10,6 +10,11 @@ from pathlib import Path
 
 from training.errors import ConfigError
 
+VERBOSE_HELP = (
+    "also Ray's, Tune's and MLflow's own output (INFO logs, Tune's tables, the trials' output); "
+    "default: their warnings, and a line per trial with a bar for the sweep"
+)
+
 
 def add_sweep_commands(sub) -> None:
     """Register the sweep subcommands on the ``wsss`` parser."""
@@ -29,6 +34,7 @@ def add_sweep_commands(sub) -> None:
     s.add_argument("--storage-is-shared", action="store_true", help="--storage is mounted on every node (NFS)")
     s.add_argument("--resume", action="store_true", help="require an existing sweep of this name to resume")
     s.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    s.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     s.set_defaults(run=run_sweep_command)
 
     r = sub.add_parser("refine", help="refine a sweep's CAMs (CRF, SAM, superpixels) with Ray actors")
@@ -38,6 +44,7 @@ def add_sweep_commands(sub) -> None:
     r.add_argument("--storage", type=Path, default=Path("runs"))
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
     r.add_argument("--address", help="an existing Ray cluster (default: start a local Ray)")
+    r.add_argument("--verbose", action="store_true", help="Ray's own INFO logs and the actors' output too")
     r.set_defaults(run=run_refine)
 
     t = sub.add_parser("tables", help="print a sweep's tables from MLflow")
@@ -54,7 +61,7 @@ def add_sweep_commands(sub) -> None:
 
 def add_services_commands(sub) -> None:
     """``wsss services up|down|status|screenshot``: a local Ray head and MLflow server on 127.0.0.1."""
-    from orchestrator.services import Ports
+    from orchestrator.services import UP_TIMEOUT_S, Ports
 
     d = Ports()
     svc = sub.add_parser("services", help="start/stop a local Ray head (Jobs API) and MLflow server on 127.0.0.1")
@@ -67,6 +74,8 @@ def add_services_commands(sub) -> None:
     up.add_argument("--mlflow-port", type=int, default=d.mlflow, help=f"MLflow server (default {d.mlflow})")
     up.add_argument("--num-cpus", type=int, help="CPUs the Ray head offers (default: all)")
     up.add_argument("--mlflow-store", type=Path, help="sqlite database + artifacts folder (default: DIR/mlflow)")
+    up.add_argument("--timeout", type=float, default=UP_TIMEOUT_S,
+                    help=f"seconds to wait for each service to answer (default {UP_TIMEOUT_S:g})")  # fmt: skip
     down = cmds.add_parser("down", help="stop exactly the processes `up` started")
     status = cmds.add_parser("status", help="what runs, where, and how to submit to it")
     shot = cmds.add_parser("screenshot", help="save a headless-Chromium picture of a sweep's parent run in the UI")
@@ -137,7 +146,18 @@ def _our_pair(cfg) -> tuple[str, str] | None:
     return t.metric, t.level
 
 
+def quiet_mlflow(verbose: bool) -> None:
+    """MLflow's own logging at warnings unless ``verbose`` (or the user set MLFLOW_LOGGING_LEVEL).
+
+    Read when MLflow is first imported, so called before that: otherwise a new
+    database prints "Creating initial MLflow database tables" and more at INFO.
+    """
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
 def run_sweep_command(args) -> int:
+    quiet_mlflow(args.verbose)
     from orchestrator.cluster import check_job_outputs
     from orchestrator.driver import print_outcome, require_sweep, run_sweep
     from orchestrator.space import load_space
@@ -160,6 +180,7 @@ def run_sweep_command(args) -> int:
             address=args.address,
             storage_is_shared=args.storage_is_shared,
             num_cpus=args.num_cpus,
+            verbose=args.verbose,
         )
     except KeyboardInterrupt:
         print(f"\nsweep {name}: interrupted; UNFINISHED: resume with\n  {command}", file=sys.stderr)
@@ -178,7 +199,9 @@ def _browse_hint(uri: str, name: str) -> str:
 
 
 def run_refine(args) -> int:
+    quiet_mlflow(args.verbose)
     from orchestrator.cluster import RaySession
+    from orchestrator.console import is_terminal
     from orchestrator.refine_sweep import refine_sweep
     from orchestrator.space import load_space
     from orchestrator.sweep_dir import SweepDir
@@ -190,9 +213,9 @@ def run_refine(args) -> int:
     if not space.refine:
         raise ConfigError(f"{space_file}: no `refine:` section; pass --space with one")
     tracking = SweepTracking.find(_tracking_uri(args.tracking_uri), args.name)
-    with RaySession(args.address) as ray:
+    with RaySession(args.address, verbose=args.verbose) as ray:
         ray.start()
-        tables = refine_sweep(space.refine, sweep, tracking, trials=args.trials)
+        tables = refine_sweep(space.refine, sweep, tracking, trials=args.trials, progress=is_terminal(sys.stderr))
     for title, text in tables.items():
         print(f"## {title}\n\n{text}\n")
     return 0
@@ -241,7 +264,7 @@ def run_services_up(args) -> int:
 
     ports = sv.Ports(args.ray_port, args.dashboard_port, args.client_port, args.mlflow_port)
     started = sv.up(args.dir, ports=ports, ray=args.only in (None, "ray"), mlflow=args.only in (None, "mlflow"),
-                    num_cpus=args.num_cpus, mlflow_store=args.mlflow_store)  # fmt: skip
+                    num_cpus=args.num_cpus, mlflow_store=args.mlflow_store, timeout=args.timeout)  # fmt: skip
     print("\n".join(sv.describe(started)))
     print(f"environment for clients: source {args.dir / sv.ENV_FILE}")
     print(f"stop them with: wsss services down --dir {args.dir}")

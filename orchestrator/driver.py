@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.cluster import RaySession, check_cluster
+from orchestrator.console import EpochLines, SweepConsole, duration, showing
 from orchestrator.offline import sync_trials, tracking_errors
 from orchestrator.space import SearchSpace, TrialSpec, check_checkpoints, expand
 from orchestrator.sweep_dir import SweepDir, SweepStatus
@@ -34,7 +35,8 @@ from orchestrator.trainable import SweepContext, load_trial_hooks
 from orchestrator.tuner import run_trials
 from training.errors import ConfigError, WsssError
 from training.pretrain import resolve_pretrained
-from training.trial import cache_root, ensure_teacher, prepare_data
+from training.tracker import ConsoleTracker
+from training.trial import cache_root, ensure_teacher, prepare_data, teacher_run_dir
 
 EXPERIMENT = "wsss-sweeps"
 
@@ -62,6 +64,7 @@ def run_sweep(
     address: str | None = None,
     storage_is_shared: bool = False,
     num_cpus: int | None = None,
+    verbose: bool = False,
 ) -> SweepOutcome:
     """Run every unfinished trial of ``space``, then refine and summarise.
 
@@ -74,21 +77,25 @@ def run_sweep(
         address: an existing Ray cluster (``auto`` or ``host:port``); None = local.
         storage_is_shared: ``storage`` is mounted on every node of the cluster.
         num_cpus: CPUs of a local Ray instance (default: all).
+        verbose: Ray's and Tune's own output too (default: their warnings, and the
+            sweep's console: a line per trial and a bar, `orchestrator.console`).
     """
     sweep = SweepDir.of(storage, name)
     trials = plan(space, sweep, tracking_uri)
+    console = sweep_console(name, trials, sweep)
     prepared = None
-    with RaySession(address, num_cpus) as ray:
+    with RaySession(address, num_cpus, verbose=verbose) as ray:
         try:
             pending = not sweep.status().settled  # diverged trials are not retried: they would diverge again
             if pending:  # Ray, and the cluster checked, before any training (teachers train in prepare)
                 check_cluster(ray.start().nodes(), space.resources, storage_is_shared=storage_is_shared)
-            prepared = prepare(space, name, sweep, tracking_uri, trials)
+            prepared = prepare(space, name, sweep, tracking_uri, trials, console)
             if pending:
-                run_trials(space, prepared.trials, prepared.context)
+                with showing(console):
+                    run_trials(space, prepared.trials, prepared.context, verbose=verbose)
             outcome = settle(space, name, prepared)
             if outcome.complete and space.refine:
-                outcome.tables |= refine(space, prepared, ray)
+                outcome.tables |= refine(space, prepared, ray, console)
             summarise(space, name, prepared, outcome)
         except BaseException as err:
             close_runs_after(err, prepared.tracking if prepared else None, tracking_uri, name)
@@ -126,13 +133,15 @@ def plan(space: SearchSpace, sweep: SweepDir, tracking_uri: str) -> list[TrialSp
     return sweep.record(space, trials)
 
 
-def prepare(space: SearchSpace, name: str, sweep: SweepDir, tracking_uri: str, trials: list[TrialSpec]) -> Prepared:
+def prepare(
+    space: SearchSpace, name: str, sweep: SweepDir, tracking_uri: str, trials: list[TrialSpec], console: SweepConsole
+) -> Prepared:
     """Set up what trials share (MLflow runs, data, teachers, pre-trained backbones) in the driver."""
     tracking = SweepTracking.open(
         tracking_uri, EXPERIMENT, name, space=space.raw, description=sweep_description(space, name, len(trials))
     )
     cache = cache_root()
-    trials = _with_teachers(trials, sweep, cache)
+    trials = _with_teachers(trials, sweep, cache, console)
     for t in trials:  # pre-train each backbone a trial names once here, not in racing trials
         resolve_pretrained(t.config, cache)
     for cfg in {t.config.data for t in trials}:
@@ -142,14 +151,17 @@ def prepare(space: SearchSpace, name: str, sweep: SweepDir, tracking_uri: str, t
     return Prepared(trials, SweepContext(sweep, tracking, run_ids, str(cache)))
 
 
-def _with_teachers(trials: list[TrialSpec], sweep: SweepDir, cache: Path) -> list[TrialSpec]:
+def _with_teachers(trials: list[TrialSpec], sweep: SweepDir, cache: Path, console: SweepConsole) -> list[TrialSpec]:
     """Train (or reuse) each distinct teacher once, copy it into the sweep folder
     (shared storage on a cluster) and pin its path in the trials' configs."""
     out = []
     for t in trials:
         cfg = t.config
         if cfg.transfer.paradigm_info.frozen_teacher and not cfg.transfer.teacher_checkpoint:
-            pinned = sweep.pin_teacher(ensure_teacher(cfg, cache))
+            label = f"teacher {cfg.model.teacher.name} (for {t.id})"
+            lines = EpochLines(console, label, cfg.train.teacher_epochs,
+                               ConsoleTracker(teacher_run_dir(cfg, cache), stream=None))  # fmt: skip
+            pinned = sweep.pin_teacher(ensure_teacher(cfg, cache, tracker=lines))
             cfg = cfg.replace(**{"transfer.teacher_checkpoint": str(pinned)})
         out.append(TrialSpec(t.id, t.overrides, cfg))
     sweep.rewrite_configs(out)
@@ -203,7 +215,7 @@ def settle(space: SearchSpace, name: str, ctx: Prepared) -> SweepOutcome:
     return outcome
 
 
-def refine(space: SearchSpace, ctx: Prepared, ray: RaySession) -> dict[str, str]:
+def refine(space: SearchSpace, ctx: Prepared, ray: RaySession, console: SweepConsole) -> dict[str, str]:
     """Refine after the grid unless this refinement already completed (then reuse its tables).
 
     A refinement cut short is resumed: its finished units are skipped on disk.
@@ -214,7 +226,12 @@ def refine(space: SearchSpace, ctx: Prepared, ray: RaySession) -> dict[str, str]
     if done is not None:
         return done
     ray.start()
-    return refine_sweep(space.refine, ctx.sweep, ctx.tracking)
+    section = space.refine
+    console.say(f"refine: {len(section.pipelines)} pipeline(s) on trials {section.trials}, on Ray actors")
+    start = console.clock()
+    tables = refine_sweep(section, ctx.sweep, ctx.tracking, progress=console.live)  # a bar on a terminal only
+    console.say(f"refine: done in {duration(console.clock() - start)}")
+    return tables
 
 
 def summarise(space: SearchSpace, name: str, ctx: Prepared, outcome: SweepOutcome) -> None:
@@ -252,11 +269,22 @@ def close_runs_after(err: BaseException, tracking: SweepTracking | None, trackin
 # ---------------------------------------------------------------- what the user reads
 
 
+def sweep_console(name: str, trials: list[TrialSpec], sweep: SweepDir) -> SweepConsole:
+    """The sweep's console, with what earlier runs settled on disk already shown."""
+    console = SweepConsole(name, [(t.id, t.config.train.epochs) for t in trials])
+    status = sweep.status()
+    for trial_id in status.finished:
+        console.settled_earlier(trial_id, metrics=sweep.trial(trial_id).read_metrics())
+    for trial_id in status.failed:
+        console.settled_earlier(trial_id, reason=sweep.failure_reason(trial_id))
+    return console
+
+
 def print_outcome(outcome: SweepOutcome, *, command: str, stream=None) -> None:
     """The tables, then whether the sweep is complete and what to run next."""
     stream = stream or sys.stdout
     for title, text in outcome.tables.items():
-        print(f"\n## {title}\n\n{text}", file=stream)
+        print(f"\n## {title}\n\n{text.rstrip()}", file=stream)
     status = outcome.status
     print(f"\nsweep {outcome.name}: {len(status.finished)}/{status.total} trials finished, "
           f"{len(status.failed)} failed", file=stream)  # fmt: skip

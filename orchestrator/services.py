@@ -33,6 +33,11 @@ STATE_FILE = "services.json"
 PORTS_OF = {"ray": ("ray", "dashboard", "client"), "mlflow": ("mlflow",)}
 ENV_FILE = "env.sh"
 LOOPBACK = "127.0.0.1"
+# Each service takes 10-20 s to answer on an idle 2-core machine; measured over 120 s for MLflow's two
+# web workers on one loaded to 14 (four trainings beside it). Waiting long costs nothing: an answer
+# ends the wait.
+UP_TIMEOUT_S = 300.0
+WORKER_HEALTHCHECK_S = 120  # seconds an MLflow web worker may take to answer its supervisor
 
 
 class ServiceError(WsssError):
@@ -128,7 +133,7 @@ def up(
     mlflow: bool = True,
     num_cpus: int | None = None,
     mlflow_store: Path | None = None,
-    timeout: float = 120.0,
+    timeout: float = UP_TIMEOUT_S,
 ) -> dict[str, Service]:
     """Start the requested services (those already running are kept) and wait until they answer.
 
@@ -139,7 +144,7 @@ def up(
         num_cpus: CPUs the Ray head offers (default: all).
         mlflow_store: folder of the MLflow server's sqlite database and artifacts
             (default: ``<folder>/mlflow``); kept across ``down``/``up``.
-        timeout: seconds to wait for each service to answer.
+        timeout: seconds to wait for each service to answer (an answer ends the wait at once).
 
     Returns:
         Every service recorded in the state file, by name.
@@ -158,8 +163,9 @@ def up(
             tracking = services["mlflow"].url if "mlflow" in services else None  # started just above, or kept
             services["ray"], health["ray"] = _start_ray(folder, ports, num_cpus, tracking)
             _save_state(folder, services)
-        for name, (url, statuses) in health.items():
-            _wait_http(services[name], url, timeout, statuses)
+        for name, checks in health.items():
+            for url, statuses in checks:
+                _wait_http(services[name], url, timeout, statuses)
     except BaseException:
         for name in health:
             _stop(services.pop(name), 30.0)  # leave nothing half-started behind
@@ -169,7 +175,7 @@ def up(
     return services
 
 
-def _start_mlflow(folder: Path, ports: Ports, store: Path) -> tuple[Service, tuple[str, tuple[int, ...]]]:
+def _start_mlflow(folder: Path, ports: Ports, store: Path) -> tuple[Service, list[tuple[str, tuple[int, ...]]]]:
     store = Path(store).resolve()
     store.mkdir(parents=True, exist_ok=True)
     url = f"http://{LOOPBACK}:{ports.mlflow}"
@@ -179,20 +185,25 @@ def _start_mlflow(folder: Path, ports: Ports, store: Path) -> tuple[Service, tup
         # Artifacts are proxied by the server: trials on any node upload over HTTP, no shared disk needed.
         "--artifacts-destination", str(store / "artifacts"),
         "--workers", "2",
+        # uvicorn's supervisor kills a worker that misses a 5 s health ping and starts another; on a
+        # loaded 2-core machine every new worker is still importing MLflow at 5 s, so the server
+        # restarted workers for minutes and never answered (28 restarts in 300 s at load 18).
+        "--uvicorn-opts", f"--timeout-worker-healthcheck {WORKER_HEALTHCHECK_S}",
     ]  # fmt: skip
     env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"}
-    return _spawn("mlflow", argv, folder / "mlflow-server.log", url, env), (f"{url}/health", (200,))
+    return _spawn("mlflow", argv, folder / "mlflow-server.log", url, env), [(f"{url}/health", (200,))]
 
 
 def _start_ray(
     folder: Path, ports: Ports, num_cpus: int | None, tracking: str | None
-) -> tuple[Service, tuple[str, tuple[int, ...]]]:
+) -> tuple[Service, list[tuple[str, tuple[int, ...]]]]:
     url = f"http://{LOOPBACK}:{ports.dashboard}"
+    agent = _free_loopback_port()  # Ray's default (52365) would clash between two heads on one machine
     argv = [
         _venv_bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
         "--node-ip-address", LOOPBACK, "--port", str(ports.ray),
         "--include-dashboard", "true", "--dashboard-host", LOOPBACK, "--dashboard-port", str(ports.dashboard),
-        "--ray-client-server-port", str(ports.client),
+        "--ray-client-server-port", str(ports.client), "--dashboard-agent-listen-port", str(agent),
     ]  # fmt: skip
     if num_cpus:
         argv += ["--num-cpus", str(num_cpus)]
@@ -216,8 +227,15 @@ def _start_ray(
         "auth_token": token.describe(),
         **({"auth_token_path": str(token.path)} if token.path else {}),
     }
-    # /api/version answers (401 with token auth) once the dashboard, and so the Jobs API, is up.
-    return service, (f"{url}/api/version", (200, 401))
+    # /api/version answers (401 with token auth) once the dashboard is up; a job is only accepted once
+    # the head's dashboard agent answers too (before, `ray job submit` gets "No available agent").
+    return service, [(f"{url}/api/version", (200, 401)), (f"http://{LOOPBACK}:{agent}/api/healthz", (200, 401))]
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
 
 
 def _venv_bin(tool: str) -> str:
@@ -251,7 +269,10 @@ def _wait_http(service: Service, url: str, timeout: float, ok_statuses: tuple[in
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
-    raise ServiceError(f"{service.name} did not answer at {url} within {timeout:g} s (stopped it); see {service.log}")
+    raise ServiceError(
+        f"{service.name} did not answer at {url} within {timeout:g} s (stopped it); see {service.log}"
+        " (on a busy machine start-up is slower: raise --timeout)"
+    )
 
 
 def _tail(path: str, lines: int = 20) -> str:

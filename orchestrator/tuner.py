@@ -19,13 +19,18 @@ from training.registry import Registry
 SCHEDULERS: Registry = Registry("scheduler", names=names.SCHEDULERS)  # scheduler.type → Tune scheduler
 
 
-def run_trials(space: SearchSpace, trials: list[TrialSpec], ctx: SweepContext) -> None:
+def run_trials(space: SearchSpace, trials: list[TrialSpec], ctx: SweepContext, *, verbose: bool = False) -> None:
     """Run (or, after an interruption, restore and go on with) the trials not finished on disk.
 
     Returns when every trial has ended, or early on Ctrl-C / SIGTERM, with Tune's
-    state saved in the sweep's ``tune/`` folder for the next run.
+    state saved in the sweep's ``tune/`` folder for the next run. Tune's own
+    reporter is silent unless ``verbose``; its trial events reach the active
+    `orchestrator.console` either way. A restored sweep keeps the verbosity and
+    callbacks it started with (Tune restores them from its saved state).
     """
     from ray import tune
+
+    from orchestrator.tune_events import tune_output
 
     finished = set(ctx.sweep.status().finished)
     pending = [t for t in trials if t.id not in finished]
@@ -43,9 +48,10 @@ def run_trials(space: SearchSpace, trials: list[TrialSpec], ctx: SweepContext) -
     else:
         tuner = tune.Tuner(
             trainable, param_space=_param_space(pending), tune_config=_tune_config(space),
-            run_config=_run_config(space, ctx),
+            run_config=_run_config(space, ctx, verbose=verbose),
         )  # fmt: skip
-    tuner.fit()
+    with tune_output(verbose):
+        tuner.fit()
 
 
 def _param_space(trials: list[TrialSpec]) -> dict[str, Any]:
@@ -86,8 +92,10 @@ def _trial_id(trial) -> str:
     return trial.config["trial"]["trial_id"]
 
 
-def _run_config(space: SearchSpace, ctx: SweepContext):
+def _run_config(space: SearchSpace, ctx: SweepContext, *, verbose: bool = False):
     from ray import tune
+
+    from orchestrator.tune_events import ConsoleCallback
 
     tune_dir = ctx.sweep.tune
     return tune.RunConfig(
@@ -95,5 +103,6 @@ def _run_config(space: SearchSpace, ctx: SweepContext):
         storage_path=str(tune_dir.parent),
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        verbose=1,
+        callbacks=[ConsoleCallback()],
+        verbose=1 if verbose else 0,  # 0: Tune prints only its errors; the console shows the trials
     )

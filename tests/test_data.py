@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from training.data import (
-    TestDataset,
-    TestItem,
+    EvalDataset,
+    EvalItem,
     TrainDataset,
     cut_windows,
     read_image,
@@ -216,7 +216,7 @@ def test_bad_normalisation_is_a_config_error(root: Path) -> None:
 
 
 def test_test_dataset_items_and_eval_access(root: Path) -> None:
-    ds = TestDataset(scan_test(root), image_size=16, mean=MEAN, std=STD)
+    ds = EvalDataset(scan_test(root), image_size=16, mean=MEAN, std=STD)
     first = ds[0]
     assert first["image"].shape == (3, 16, 16) and first["id"] == "t1" and first["label"] == 1
     assert ds[1]["label"] == 0
@@ -225,12 +225,12 @@ def test_test_dataset_items_and_eval_access(root: Path) -> None:
     assert mask.dtype == bool and mask.sum() == 6 * 10
     assert ctx is not None and ctx.sum() == 4 * 3
     assert ds.load_eval(1)[2] is None
-    native = TestDataset(scan_test(root), image_size=None, mean=MEAN, std=STD)
+    native = EvalDataset(scan_test(root), image_size=None, mean=MEAN, std=STD)
     assert native[0]["image"].shape == (3, 24, 32)
 
 
 def test_test_item_fields(tmp_path: Path) -> None:
-    item = TestItem("x", tmp_path / "x.png", tmp_path / "m.png", None)
+    item = EvalItem("x", tmp_path / "x.png", tmp_path / "m.png", None)
     assert (item.id, item.context) == ("x", None)
 
 

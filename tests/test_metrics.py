@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 
+from training.errors import DataError, UndefinedMetric
 from training.metrics import (
     DEFAULT_THRESHOLDS,
     IoUCounter,
@@ -142,10 +143,12 @@ def test_dataset_and_per_image_iou(
     assert miou_per_image(preds, gts) == pytest.approx(per_image)
 
 
-def test_iou_without_any_smoke_is_an_error() -> None:
-    for metric in (miou, miou_per_image):
-        with pytest.raises(ValueError, match="no image with smoke"):
-            metric([PRED_C], [GT_C])
+def test_iou_without_any_smoke_is_an_error_of_the_data() -> None:
+    """A fact of the data (``wsss`` answers it with exit 2 and a message), still a ValueError."""
+    for metric, pred in ((miou, PRED_C), (miou_per_image, PRED_C), (oracle_miou, PRED_C.astype(np.float32))):
+        with pytest.raises(UndefinedMetric, match="no image with smoke") as info:
+            metric([pred], [GT_C])
+        assert isinstance(info.value, DataError) and isinstance(info.value, ValueError)
 
 
 def test_lists_must_pair_up() -> None:

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from postproc.masks import mask_iou
-from postproc.threshold import oracle_threshold, seed_mask
+from postproc.threshold import seed_mask
 from training.errors import ConfigError
 
 ROW = np.array([[0.0, 0.1, 0.29, 0.3, 0.5, 1.0]], dtype=np.float32)
@@ -47,31 +46,3 @@ def test_seed_mask_rejects_bad_threshold(threshold):
 def test_seed_mask_rejects_bad_cam(cam, match):
     with pytest.raises(ValueError, match=match):
         seed_mask(cam)
-
-
-def test_oracle_threshold_finds_the_ground_truth_cut():
-    cam = np.tile(np.linspace(0, 1, 21, dtype=np.float32), (4, 1))
-    gt = cam >= 0.6
-    best, iou = oracle_threshold(cam, gt)
-    assert best == pytest.approx(0.56)  # the 0.01 grid: 0.56 … 0.60 all cut at 0.6; ties go to the lowest
-    assert iou == pytest.approx(1.0)
-    # the fixed threshold is worse on this image
-    assert mask_iou(seed_mask(cam), gt) < iou
-
-
-def test_oracle_threshold_ties_go_to_first_and_empty_counts_as_perfect():
-    cam = np.zeros((3, 3), np.float32)
-    gt = np.zeros((3, 3), bool)
-    assert oracle_threshold(cam, gt, thresholds=[0.2, 0.4]) == (0.2, 1.0)
-
-
-def test_oracle_threshold_custom_candidates_and_validation():
-    cam = np.array([[0.2, 0.8]], np.float32)
-    gt = np.array([[True, True]])
-    assert oracle_threshold(cam, gt, thresholds=[0.5, 0.1]) == (0.1, 1.0)
-    with pytest.raises(ValueError, match="gt"):
-        oracle_threshold(cam, np.ones((2, 1), bool))
-    with pytest.raises(ConfigError, match="thresholds"):
-        oracle_threshold(cam, gt, thresholds=[1.2])
-    with pytest.raises(ValueError, match="thresholds"):
-        oracle_threshold(cam, gt, thresholds=[])

@@ -2,7 +2,8 @@
 
 Two fake trial folders (CAMs = blurred ground truth + seeded noise, 3 shards of
 8 images each at 64 px) are refined with a 1-iteration CRF and superpixel
-regions, plus the seed pipeline. One Ray session serves the whole module.
+regions, plus the seed pipeline. One Ray session serves the tests that fan out to
+actors; those start Ray and are marked slow, the others use the plain loop's results.
 """
 
 from __future__ import annotations
@@ -195,6 +196,7 @@ def fanned(trials, ray_session):
 # ---------------------------------------------------------------- fan-out
 
 
+@pytest.mark.slow
 def test_fanout_equals_reference(reference, fanned):
     units, results = fanned
     assert len(units) == 2 * 3 * 3 and all(r.status == "done" for r in results)
@@ -209,6 +211,7 @@ def test_fanout_equals_reference(reference, fanned):
             np.testing.assert_array_equal(mask, read_masks(theirs.unit.masks_path)[image_id])
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_units(fanned):
     units, first = fanned
     stamps = {u.counts_path: u.counts_path.stat().st_mtime_ns for u in units}
@@ -218,8 +221,8 @@ def test_rerun_skips_finished_units(fanned):
     assert _table(summarise(again)) == _table(summarise(first))
 
 
-def test_stale_counts_file_is_redone(fanned, tmp_path):
-    units, _ = fanned
+def test_stale_counts_file_is_redone(reference, tmp_path):
+    units = [r.unit for r in reference]  # the plain loop's: no Ray needed here
     unit = next(u for u in units if u.key == "seed")
     copy = make_units(_copy_trials({unit.trial_id: unit.trial_dir}, tmp_path), [])
     refine_reference(copy)
@@ -242,6 +245,7 @@ def test_seed_and_crf_decision_follow_the_trials_cam_threshold(trials, tmp_path)
     assert sum(r.counter.to_dict()["union"] for r in at_05) != sum(r.counter.to_dict()["union"] for r in at_03)
 
 
+@pytest.mark.slow
 def test_truncated_shard_fails_by_name(trials, ray_session, tmp_path):
     copies = _copy_trials(trials, tmp_path)
     shard = copies["trial-b"] / "cams" / "shard-00001.npz"
@@ -260,6 +264,7 @@ def test_truncated_shard_fails_by_name(trials, ray_session, tmp_path):
     assert {r["images"] for r in partial if r["trial_id"] == "trial-b"} == {16}
 
 
+@pytest.mark.slow
 def test_killed_actor_costs_only_its_unit(trials, reference, ray_session, tmp_path, monkeypatch):
     receive = refine_actors._Dispatcher._receive
     killed = []
@@ -290,13 +295,12 @@ def test_sam_units_need_gpu_actors(trials, tmp_path):
 # ---------------------------------------------------------------- MLflow
 
 
-def test_log_refinement(fanned, tmp_path):
+def test_log_refinement(reference, uri):
     from orchestrator.tracking import SweepTracking
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracking = SweepTracking.open(uri, "refine-test", "sweep", space={"refine": EXAMPLE})
     run_a = tracking.child_run("trial-a", run_name="a", params={})
-    rows = summarise(fanned[1])
+    rows = summarise(reference)  # the same rows as the fan-out's (test_fanout_equals_reference)
     texts = log_refinement(tracking, rows, {"trial-a": run_a}, overlay_images=2)
     assert "| pipeline | trial-a | trial-b |" in texts["refine_miou_refined"]
     metrics = tracking.client.get_run(run_a).data.metrics

@@ -192,11 +192,10 @@ def test_pure_functions_take_their_defaults_from_the_step_dataclasses() -> None:
     assert _keyword_defaults(SamProposals.__init__) == _field_defaults(SamParams)
 
 
-def test_one_threshold_grid_for_metrics_and_the_refinement_oracle() -> None:
-    from postproc.threshold import oracle_threshold
-    from training.metrics import DEFAULT_THRESHOLDS, best_threshold
+def test_one_threshold_grid_for_the_best_and_the_oracle_threshold() -> None:
+    from training.metrics import DEFAULT_THRESHOLDS, best_threshold, oracle_miou
 
-    assert inspect.signature(oracle_threshold).parameters["thresholds"].default is DEFAULT_THRESHOLDS
+    assert inspect.signature(oracle_miou).parameters["thresholds"].default is DEFAULT_THRESHOLDS
     assert inspect.signature(best_threshold).parameters["thresholds"].default is DEFAULT_THRESHOLDS
 
 

@@ -6,6 +6,8 @@ CI runs it (the README's test command runs every marker).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -34,9 +36,13 @@ def sweep_dir(tmp_path_factory, synth_root) -> Path:
         "refine": {"trials": "best:1", "pipelines": [[{"step": "crf", "iters": 1, "scale": {"grid": [4, 12]}}]]},
     }
     (folder / "tiny.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
-    with pytest.MonkeyPatch.context() as mp:
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         mp.chdir(folder)
-        assert main(["sweep", "tiny.yaml", "--num-cpus", "2"]) == 0
+        code = main(["sweep", "tiny.yaml", "--num-cpus", "2"])
+    (folder / "stdout.txt").write_text(out.getvalue())
+    (folder / "stderr.txt").write_text(err.getvalue())
+    assert code == 0, err.getvalue()
     return folder
 
 
@@ -71,6 +77,23 @@ def test_mlflow_holds_one_parent_and_one_finished_child_per_trial(sweep_dir):
     assert parent.info.status == "FINISHED"
     refined = {a.path for a in client.list_artifacts(parent.info.run_id, "refine")}
     assert "refine/refine_miou_refined.md" in refined
+
+
+def test_the_console_gives_a_line_per_trial_event_and_tune_prints_no_tables(sweep_dir):
+    """Not a terminal here, so the log form: a line per event led by the sweep's bar, on stderr;
+    stdout keeps the results. Tune's own config and status tables appear nowhere."""
+    err, out = (sweep_dir / "stderr.txt").read_text(), (sweep_dir / "stdout.txt").read_text()
+    lines = err.splitlines()
+    assert "[--------------------]  tiny: 0/2 trials done, 2 pending" in lines
+    for trial_id in ("000-teacher_student", "001-co_training"):
+        assert [line for line in lines if f" {trial_id} " in line and "  started" in line], err
+        (done,) = [line for line in lines if f" {trial_id} " in line and "  done  epoch 2/2  loss " in line]
+        assert " miou " in done
+    assert any(line.startswith("[####################]  tiny: 2/2 trials done") for line in lines), err
+    assert "refine: done in " in err
+    for tune_says in ("Trial status", "started with configuration", "Configuration for experiment", "tensorboard"):
+        assert tune_says not in err + out
+    assert "## paradigms" in out and "\x1b" not in err + out
 
 
 def test_refinement_ran_after_the_grid_on_the_best_trial(sweep_dir):

@@ -205,6 +205,12 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path: Path) -> None:
     assert (tmp_path / "mine" / "thesis.txt").read_text() == "precious"
 
 
+def test_refuses_a_file_where_the_folder_goes(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match=r"afile: is a file; expected an empty folder"):
+        generate(SMALL, tmp_path / "afile")
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

@@ -280,3 +280,38 @@ def test_per_epoch_miou_uses_the_trials_cam_method(make_config, tmp_path: Path, 
     run_trial(cfg, tmp_path / "gradcam", tracker=tracker)
     assert seen[0] == ("gradcam", (1.0,))  # the epoch's quick evaluation
     assert "test_miou_1x" in tracker.metrics[0][1]
+
+
+# ---------------------------------------------------------------- bad input a trial meets before training
+
+
+@pytest.mark.parametrize(
+    ("name", "cuda_count", "expected"),
+    [
+        ("cuda", 0, r"train\.device: 'cuda' requested but no CUDA device is visible here; set train\.device=auto"),
+        ("cuda:1", 0, r"train\.device: 'cuda:1' requested but no CUDA device is visible here"),
+        ("cuda:1", 1, r"train\.device: 'cuda:1' requested but the visible CUDA devices are cuda:0; "),
+        ("cuda:2", 2, r"the visible CUDA devices are cuda:0…cuda:1"),
+    ],
+)
+def test_a_cuda_device_that_is_not_there_is_a_config_error(monkeypatch, name, cuda_count, expected) -> None:
+    """A config asking for a GPU this machine lacks: the field and the fix, not a CheckpointError."""
+    from training.errors import ConfigError
+    from training.loop import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_count)
+    with pytest.raises(ConfigError, match=expected):
+        pick_device(name)
+    with pytest.raises(ConfigError, match=r"^device: .* set device=auto"):
+        pick_device(name, field="device")  # a pretrain config's own key
+
+
+def test_devices_that_are_there(monkeypatch) -> None:
+    from training.loop import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda:1") and pick_device("auto") == torch.device("cuda")

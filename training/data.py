@@ -75,7 +75,7 @@ def scan_train(root: Path) -> list[tuple[Path, int]]:
 
 
 @dataclass(frozen=True)
-class TestItem:
+class EvalItem:
     """One evaluation image and its masks (same file stem in every folder).
 
     Attributes:
@@ -87,8 +87,6 @@ class TestItem:
             training image's folder); None: 1 when the mask has any pixel set.
     """
 
-    __test__ = False  # not a pytest test class despite the name
-
     id: str
     image: Path
     mask: Path
@@ -96,7 +94,7 @@ class TestItem:
     label: int | None = None
 
 
-def scan_test(root: Path) -> list[TestItem]:
+def scan_test(root: Path) -> list[EvalItem]:
     """List test images with their masks, sorted by id.
 
     Raises:
@@ -109,7 +107,7 @@ def scan_test(root: Path) -> list[TestItem]:
         if not mask.is_file():
             raise DataError(f"{image} has no mask: expected {mask} (0/255, same stem, .png)")
         context = test / "context" / f"{image.stem}{MASK_SUFFIX}"
-        items.append(TestItem(image.stem, image, mask, context if context.is_file() else None))
+        items.append(EvalItem(image.stem, image, mask, context if context.is_file() else None))
     return items
 
 
@@ -295,21 +293,20 @@ class TrainDataset(torch.utils.data.Dataset):
         return x, torch.tensor(float(self.items[index][1]))
 
 
-class TestDataset(torch.utils.data.Dataset):
-    """Test images for CAM extraction, plus native-resolution access for evaluation.
+class EvalDataset(torch.utils.data.Dataset):
+    """Images with masks for CAM extraction, plus native-resolution access for evaluation:
+    the test split (``test/``), or the scored part of a validation split.
 
     Args:
-        items: from `scan_test`.
+        items: from `scan_test` (or `training.validation.validation_items`).
         image_size: side S of the network input, or None to keep the native size.
         mean: per-channel mean in [0, 1] units (RGB).
         std: per-channel std in [0, 1] units (RGB).
     """
 
-    __test__ = False
-
     def __init__(
         self,
-        items: Sequence[TestItem],
+        items: Sequence[EvalItem],
         *,
         image_size: int | None,
         mean: Sequence[float],
@@ -391,7 +388,7 @@ def cut_windows(
         )
     if Path(src).resolve() == Path(dst).resolve():
         raise ConfigError(f"windows: expected a destination different from the source {src}")
-    dataset = TestDataset(scan_test(src), image_size=None, mean=(0, 0, 0), std=(1, 1, 1))
+    dataset = EvalDataset(scan_test(src), image_size=None, mean=(0, 0, 0), std=(1, 1, 1))
     out = {name: Path(dst) / "test" / name for name in ("images", "masks", "context")}
     for folder in out.values():
         folder.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ PROBLEMS: dict[str, str] = {
     "mask_without_image": "a test image test/images/<stem>.* for every mask",
     "mask_size": "a mask of the same size as its image",
     "mask_values": "a binary mask: one channel (or three equal ones), values {0, 255} or {0, 1}",
+    "no_smoke_in_test": "at least one test mask with smoke: smoke IoU is undefined without one",
 }
 SHOWN_PER_KIND = 5  # paths listed under each kind; the count says how many more
 
@@ -170,4 +171,7 @@ def _check_test(root: Path, report: DatasetReport) -> dict[str, Any]:
     for folder in ("masks", "context"):
         for orphan in sorted(p for p in _images_in(test / folder) if p.stem not in stems):
             report.problems.append(Problem("mask_without_image", orphan, f"no test/images/{orphan.stem}.*"))
+    if counts["clean"] and not counts["smoke"]:
+        detail = f"none of the {counts['clean']} masks read has a smoke pixel"
+        report.problems.append(Problem("no_smoke_in_test", test / "masks", detail))
     return {"counts": dict(counts), "sizes": dict(sizes)}

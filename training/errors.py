@@ -32,6 +32,12 @@ class DataError(WsssError):
         self.kind = kind
 
 
+class UndefinedMetric(DataError, ValueError):
+    """A metric has nothing to be computed over: no image with smoke in its ground truth, no
+    context mask, no image at all. A fact of the data, not a bug; still a ``ValueError``, as
+    the metrics raised before it existed."""
+
+
 class CheckpointError(WsssError):
     """A checkpoint path does not exist or does not hold what was expected."""
 

@@ -15,16 +15,7 @@ from training.cams import build_cam_method, multiscale_cams_and_logits
 from training.config import CamConfig
 from training.metrics import accuracy, cam_scores, masks_at, miou, subset_accuracy
 from training.models import Backbone
-
-
-@dataclass
-class CamSet:
-    """CAMs at native image resolution with what is needed to score them."""
-
-    ids: list[str]
-    cams: list[np.ndarray]  # H×W float32 in [0, 1]
-    logits: np.ndarray  # N smoke logits at scale 1
-    labels: np.ndarray  # N image labels
+from training.shards import CamShard
 
 
 def _loader(dataset, batch_size: int, num_workers: int = 0, pin: bool = False) -> DataLoader:
@@ -35,7 +26,7 @@ def _loader(dataset, batch_size: int, num_workers: int = 0, pin: bool = False) -
 class EvalSet:
     """The test split with its masks read once (they are reused every epoch)."""
 
-    dataset: object  # a training.data.TestDataset
+    dataset: object  # a training.data.EvalDataset
     gts: list[np.ndarray]  # H×W bool smoke masks
     contexts: list[np.ndarray | None]  # H×W bool co-occurring-object masks
     subsets: list[str] | None = None  # e.g. "coupled" / "decoupled" (synthetic manifest), per image
@@ -53,7 +44,7 @@ class EvalSet:
 @torch.no_grad()
 def extract_cams(
     net: Backbone, evalset: EvalSet, cfg: CamConfig, device: torch.device, *, num_workers: int = 0
-) -> CamSet:
+) -> CamShard:
     """Multi-scale CAMs for every test image, resized to the image's own size.
 
     Batched over images (``cfg.batch_size``); the only Python loops in the hot
@@ -76,14 +67,14 @@ def extract_cams(
         ids.extend(batch["id"])
         labels.append(batch["label"])
     cams = [_resize(c, g.shape) for c, g in zip(cams, evalset.gts, strict=True)]
-    return CamSet(ids, cams, torch.cat(logits).numpy(), torch.cat(labels).numpy().astype(np.int64))
+    return CamShard(ids, cams, torch.cat(logits).numpy(), torch.cat(labels).numpy().astype(np.int64))
 
 
 def _resize(cam: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return cam if cam.shape == hw else cv2.resize(cam, hw[::-1], interpolation=cv2.INTER_LINEAR)
 
 
-def score(camset: CamSet, evalset: EvalSet, threshold: float) -> dict[str, float]:
+def score(camset: CamShard, evalset: EvalSet, threshold: float) -> dict[str, float]:
     """Every CAM metric of `training.metrics.cam_scores` for this set, plus the
     accuracy per test subset when the dataset names them (coupled / decoupled)."""
     scores = cam_scores(camset.cams, evalset.gts, evalset.contexts, camset.logits, camset.labels, threshold=threshold)
@@ -138,7 +129,7 @@ def gallery_indices(labels: np.ndarray, n: int) -> list[int]:
     return pick(smoke, k_smoke) + pick(clean, min(len(clean), n - k_smoke))
 
 
-def save_gallery(camset: CamSet, evalset: EvalSet, out_dir: Path, n: int) -> list[Path]:
+def save_gallery(camset: CamShard, evalset: EvalSet, out_dir: Path, n: int) -> list[Path]:
     """Write ``n`` overlay PNGs (image | CAM overlay side by side)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

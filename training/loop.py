@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from training.atomic import atomic_path
 from training.config import TrainConfig
-from training.errors import CheckpointError, TrainingDiverged
+from training.errors import CheckpointError, ConfigError, TrainingDiverged
 from training.paradigms import Paradigm
 from training.trial_dir import STATE_FILE
 
@@ -30,12 +30,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` → the first CUDA device if there is one, else the CPU."""
+def pick_device(name: str, *, field: str = "train.device") -> torch.device:
+    """``auto`` → the first CUDA device if there is one, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as named.
+
+    Raises:
+        ConfigError: naming ``field``, when the CUDA device asked for is not visible here.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CheckpointError(f"train.device: {name!r} requested but no CUDA device is visible")
+    if not name.startswith("cuda"):
+        return torch.device(name)
+    fix = f"set {field}=auto (a GPU when there is one, else the CPU) or {field}=cpu"
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{field}: {name!r} requested but no CUDA device is visible here; {fix}")
+    index = name.partition(":")[2] or "0"
+    count = torch.cuda.device_count()
+    if not index.isdigit() or int(index) >= count:
+        visible = f"cuda:0…cuda:{count - 1}" if count > 1 else "cuda:0"
+        raise ConfigError(f"{field}: {name!r} requested but the visible CUDA devices are {visible}; {fix}")
     return torch.device(name)
 
 

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from training.errors import UndefinedMetric
+
 # The thresholds searched for the best single threshold and the per-image oracle: 0, 0.01, …, 1,
 # as the thesis's `find_best_threshold_iou` (`np.linspace(0, 1, 101)`, smoke where cam >= t).
 DEFAULT_THRESHOLDS = np.round(np.linspace(0.0, 1.0, 101), 2)
@@ -135,7 +137,7 @@ class IoUCounter:
 
     def _require_images(self) -> None:
         if self.n_images == 0:
-            raise ValueError(
+            raise UndefinedMetric(
                 f"no image with smoke in the ground truth ({self.n_skipped} without "
                 f"smoke); smoke IoU is undefined"
             )
@@ -158,7 +160,8 @@ def miou(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> float:
         gts: H×W bool ground-truth masks, same sizes as ``preds``.
 
     Raises:
-        ValueError: no gt contains smoke, or the lists do not pair up.
+        UndefinedMetric: no gt contains smoke (a ValueError).
+        ValueError: the lists do not pair up.
     """
     return count_masks(preds, gts).miou
 
@@ -171,7 +174,8 @@ def miou_per_image(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> fl
         gts: H×W bool ground-truth masks, same sizes as ``preds``.
 
     Raises:
-        ValueError: no gt contains smoke, or the lists do not pair up.
+        UndefinedMetric: no gt contains smoke (a ValueError).
+        ValueError: the lists do not pair up.
     """
     return count_masks(preds, gts).miou_per_image
 
@@ -212,7 +216,7 @@ def oracle_miou(
         thresholds: candidates.
 
     Raises:
-        ValueError: no gt contains smoke.
+        UndefinedMetric: no gt contains smoke (a ValueError).
     """
     return _threshold_sweep(cams, gts, thresholds)[2].miou_per_image
 
@@ -264,7 +268,7 @@ def context_activation(cams: Sequence[np.ndarray], contexts: Sequence[np.ndarray
         all-zero CAM (a collapsed model should be scored, not crash the trial).
 
     Raises:
-        ValueError: no image has a non-empty context mask.
+        UndefinedMetric: no image has a non-empty context mask (a ValueError).
     """
     shares = []
     for cam, context in _with_context(cams, contexts):
@@ -286,7 +290,7 @@ def context_false_positive(
         threshold: the smoke threshold.
 
     Raises:
-        ValueError: no image has a non-empty context mask.
+        UndefinedMetric: no image has a non-empty context mask (a ValueError).
     """
     pairs = _with_context(cams, contexts)
     smoke = masks_at([cam for cam, _ in pairs], threshold)
@@ -306,7 +310,7 @@ def _with_context(
         _check_same_shape(cam, context, "cam", "context")
         pairs.append((cam, context))
     if not pairs:
-        raise ValueError(f"none of the {len(cams)} images has a non-empty context mask")
+        raise UndefinedMetric(f"none of the {len(cams)} images has a non-empty context mask")
     return pairs
 
 
@@ -326,7 +330,7 @@ def accuracy(logits: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.n
     labels = np.asarray(labels).reshape(-1).astype(bool)
     _check_same_length(logits=logits, labels=labels)
     if len(logits) == 0:
-        raise ValueError("accuracy of zero images is undefined")
+        raise UndefinedMetric("accuracy of zero images is undefined")
     return float(np.mean((logits > 0) == labels))
 
 

@@ -125,15 +125,18 @@ def accuracy(net: Backbone, dataset: CorpusDataset, device: torch.device, *, bat
 
 
 def run_pretraining(
-    cfg: PretrainConfig, run_dir: Path, cache: Path, *, device: str, threads: int, tracker: Tracker
-) -> tuple[Pretraining, dict[str, float]]:
+    cfg: PretrainConfig, run_dir: Path, cache: Path, *, device: str, threads: int, tracker: Tracker,
+    device_field: str = "device",
+) -> tuple[Pretraining, dict[str, float]]:  # fmt: skip
     """Train ``cfg.net`` on the corpus; resumes from ``run_dir/checkpoint`` if a run stopped.
+
+    ``device_field`` names where ``device`` came from, for the error when it is not visible.
 
     Returns:
         (the trained model, the last epoch's metrics: loss, train_accuracy, val_accuracy, epoch).
     """
     configure_threads(threads)
-    dev = pick_device(device)
+    dev = pick_device(device, field=device_field)
     corpus = load_corpus(cached_corpus(cfg.corpus, cache))
     train_set = CorpusDataset(corpus.train_images, corpus.train_labels, mean=cfg.mean, std=cfg.std)
     val_set = CorpusDataset(corpus.val_images, corpus.val_labels, mean=cfg.mean, std=cfg.std)
@@ -179,11 +182,13 @@ def ensure_pretrained(
     run_dir = path.with_suffix("")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    field = "device" if device is None else "train.device"  # a trial's device overrides the config's
     device = cfg.device if device is None else device
     threads = cfg.threads if threads is None else threads
     model, metrics = run_pretraining(
-        cfg, run_dir, Path(cache), device=device, threads=threads, tracker=tracker or ConsoleTracker(run_dir)
-    )
+        cfg, run_dir, Path(cache), device=device, threads=threads, tracker=tracker or ConsoleTracker(run_dir),
+        device_field=field,
+    )  # fmt: skip
     TrialDir(run_dir).write_metrics(metrics)
     meta = {"config": json.dumps(cfg.to_dict()), "key": pretrain_key(cfg), "classes": cfg.corpus.classes}
     with atomic_path(path) as tmp:

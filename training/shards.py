@@ -25,11 +25,15 @@ INDEX = "index.json"
 
 @dataclass
 class CamShard:
-    """One shard. ``cams[i]`` is H×W float32 in [0,1] for image ``ids[i]``."""
+    """CAMs of some images with what scores them: one shard on disk, all of them (`read_all`),
+    or a whole split as `training.evaluate.extract_cams` makes it before they are written.
+
+    ``cams[i]`` is H×W float32 in [0,1] at image ``ids[i]``'s own resolution.
+    """
 
     ids: list[str]
     cams: list[np.ndarray]
-    logits: np.ndarray  # N float32 smoke logits
+    logits: np.ndarray  # N float32 smoke logits (at scale 1)
     labels: np.ndarray  # N int image labels (1 = smoke)
 
 

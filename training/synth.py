@@ -367,9 +367,11 @@ def generate(cfg: SynthConfig, out: Path) -> Path:
     concurrent run never leaves a half-written dataset behind.
 
     Raises:
-        DataError: ``out`` exists and is neither empty nor a generated dataset.
+        DataError: ``out`` is a file, or a folder neither empty nor a generated dataset.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: is a file; expected an empty folder or a generated synthetic dataset")
     if _is_cached(cfg, out):
         return out
     if out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():

@@ -93,7 +93,8 @@ class RecordingTracker:
 
 
 class ConsoleTracker:
-    """Prints metrics and appends every event to ``events.jsonl`` in ``out_dir``."""
+    """Prints metrics to ``stream`` (None: prints nothing) and appends every event to
+    ``events.jsonl`` in ``out_dir``."""
 
     def __init__(self, out_dir: Path | None = None, *, stream=sys.stdout) -> None:
         self.stream = stream
@@ -109,9 +110,10 @@ class ConsoleTracker:
         self._write({"params": params})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        prefix = f"[step {step}] " if step is not None else ""
-        print(prefix + shown, file=self.stream, flush=True)
+        if self.stream is not None:
+            shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            prefix = f"[step {step}] " if step is not None else ""
+            print(prefix + shown, file=self.stream, flush=True)
         self._write({"step": step, "metrics": metrics})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from training.atomic import atomic_path
 from training.config import DataConfig, TrialConfig, config_digest, save_config
-from training.data import TestDataset, TrainDataset, scan_test, scan_train
+from training.data import EvalDataset, TrainDataset, scan_test, scan_train
 from training.errors import DataError
 from training.evaluate import EvalSet, extract_cams, quick_eval, save_gallery, score
 from training.feature_cache import IndexedDataset, TeacherFeatures, cache_enabled, ensure_teacher_features
@@ -67,11 +67,18 @@ def load_splits(cfg: DataConfig, root: Path) -> tuple[TrainDataset, EvalSet]:
     items, _ = split_validation(scan_train(root), cfg.val_fraction)
     train = TrainDataset(items, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, augment=cfg.augment)
     items = scan_test(root)
-    test = TestDataset(items, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std)
-    return train, EvalSet.load(test, test_subsets(root, [item.id for item in items]))
+    test = EvalDataset(items, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std)
+    evalset = EvalSet.load(test, subsets_of_test_images(root, [item.id for item in items]))
+    if not any(gt.any() for gt in evalset.gts):  # before training, not when the final metrics find out
+        raise DataError(
+            f"{Path(root) / 'test' / 'masks'}: none of the {len(evalset.gts)} test masks has a smoke pixel, so "
+            "smoke IoU is undefined; expected at least one test image with smoke (mask pixels 255, or 1)",
+            kind="no_smoke_in_test",
+        )
+    return train, evalset
 
 
-def test_subsets(root: Path, ids: list[str]) -> list[str] | None:
+def subsets_of_test_images(root: Path, ids: list[str]) -> list[str] | None:
     """Each test image's subset from the synthetic ``manifest.json``; None for real data
     (no manifest) or when the manifest does not list every image."""
     path = Path(root) / "manifest.json"
@@ -109,19 +116,23 @@ def teacher_key(cfg: TrialConfig) -> str:
     return config_digest({"data": d["data"], "model.teacher": d["model"]["teacher"], "train": d["train"]})
 
 
+def teacher_run_dir(cfg: TrialConfig, cache: Path | None = None) -> Path:
+    """The folder the teacher of ``cfg`` trains in; its checkpoint is ``<folder>.pt`` beside it."""
+    return (cache or cache_root()) / "teachers" / f"teacher-{teacher_key(cfg)}"
+
+
 def ensure_teacher(cfg: TrialConfig, cache: Path | None = None, *, tracker: Tracker | None = None) -> Path:
     """Train the teacher of ``cfg`` unless a cached one exists; returns its checkpoint.
 
     Cached by `teacher_key`, so reruns and other sweeps with the same teacher
     config reuse it. The write is atomic: concurrent callers never read half a file.
     """
-    folder = (cache or cache_root()) / "teachers"
-    path = folder / f"teacher-{teacher_key(cfg)}.pt"
+    run_dir = teacher_run_dir(cfg, cache)
+    path = run_dir.parent / f"{run_dir.name}.pt"
     if path.is_file():
         return path
-    folder.mkdir(parents=True, exist_ok=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     tcfg = teacher_config(cfg)
-    run_dir = folder / f"teacher-{teacher_key(cfg)}"
     run_trial(tcfg, run_dir, tracker=tracker or ConsoleTracker(run_dir), cache=cache)
     model = _rebuild_from_state(tcfg, run_dir)
     with atomic_path(path) as tmp:

@@ -24,11 +24,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.config import CamConfig, DataConfig
-from training.data import MASK_SUFFIX, TestDataset, TestItem, TrainDataset, scan_train
+from training.data import MASK_SUFFIX, EvalDataset, EvalItem, TrainDataset, scan_train
 from training.errors import ConfigError, DataError
-from training.evaluate import CamSet, EvalSet, extract_cams, quick_eval, score
+from training.evaluate import EvalSet, extract_cams, quick_eval, score
 from training.metrics import accuracy
 from training.models import Backbone
+from training.shards import CamShard
 
 TrainItems = list[tuple[Path, int]]
 
@@ -72,7 +73,7 @@ def split_validation(items: Sequence[tuple[Path, int]], fraction: float) -> tupl
     return [it for it in items if it[0] not in held], [it for it in items if it[0] in held]
 
 
-def validation_items(root: Path, items: Sequence[tuple[Path, int]]) -> tuple[list[TestItem], TrainItems]:
+def validation_items(root: Path, items: Sequence[tuple[Path, int]]) -> tuple[list[EvalItem], TrainItems]:
     """Sort held-out images into those with a smoke mask (scored) and the others.
 
     Args:
@@ -80,7 +81,7 @@ def validation_items(root: Path, items: Sequence[tuple[Path, int]]) -> tuple[lis
         items: held-out (path, label) pairs from `split_validation`.
 
     Returns:
-        (TestItems with mask, context and folder label, (path, label) pairs without a mask).
+        (EvalItems with mask, context and folder label, (path, label) pairs without a mask).
     """
     train = Path(root) / "train"
     stems: dict[str, Path] = {}
@@ -96,7 +97,7 @@ def validation_items(root: Path, items: Sequence[tuple[Path, int]]) -> tuple[lis
         mask = train / "masks" / f"{path.stem}{MASK_SUFFIX}"
         context = train / "context" / f"{path.stem}{MASK_SUFFIX}"
         if mask.is_file():
-            scored.append(TestItem(path.stem, path, mask, context if context.is_file() else None, label))
+            scored.append(EvalItem(path.stem, path, mask, context if context.is_file() else None, label))
         else:
             unscored.append((path, label))
     return scored, unscored
@@ -127,7 +128,7 @@ def load_validation(cfg: DataConfig, root: Path) -> Validation | None:
     scored, unscored = validation_items(root, held)
     norm = {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std}
     return Validation(
-        EvalSet.load(TestDataset(scored, **norm)) if scored else None,
+        EvalSet.load(EvalDataset(scored, **norm)) if scored else None,
         TrainDataset(unscored, **norm) if unscored else None,
     )
 
@@ -169,7 +170,7 @@ def quick_validation(net: Backbone, val: Validation, cam: CamConfig, device: tor
 
 def score_validation(
     net: Backbone, val: Validation, cfg: CamConfig, device: torch.device, *, num_workers: int = 0
-) -> tuple[dict[str, float], CamSet | None]:
+) -> tuple[dict[str, float], CamShard | None]:
     """Final validation metrics, named ``val_<metric>``, and the validation CAMs.
 
     With masks: every metric of `training.evaluate.score` (``val_miou``,
@@ -177,7 +178,7 @@ def score_validation(
     scored images; ``val_accuracy`` always counts every held-out image.
 
     Returns:
-        (metrics, the scored images' CamSet or None).
+        (metrics, the scored images' CamShard or None).
     """
     metrics: dict[str, float] = {}
     camset, parts = None, []
