@@ -42,7 +42,7 @@ def run_trials(space: SearchSpace, trials: list[TrialSpec], ctx: SweepContext, *
         searcher, num_samples = search_settings(space, trials, ctx)
         scheduler = RecordingASHA(space, ctx) if space.scheduler.type == "asha" else None
         config = _tune_config(space, search_alg=searcher, num_samples=num_samples, scheduler=scheduler)
-        tuner = tune.Tuner(trainable, tune_config=config, run_config=_run_config(space, ctx))
+        tuner = tune.Tuner(trainable, tune_config=config, run_config=_run_config(space, ctx, verbose=verbose))
     elif tune.Tuner.can_restore(tune_dir):
         tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
