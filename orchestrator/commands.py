@@ -101,7 +101,12 @@ def run_validate(args) -> int:
     trials = expand(space)
     check_checkpoints(trials)
     arms = Counter(t.config.transfer.paradigm for t in trials)
-    print(f"{args.space}: valid; sweep {space.name!r} expands to {len(trials)} trials")
+    for warning in space.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if space.search is not None:
+        print(f"{args.space}: valid; sweep {space.name!r} {_search_budget(space, len(trials))}")
+    else:
+        print(f"{args.space}: valid; sweep {space.name!r} expands to {len(trials)} trials")
     print("  by paradigm: " + ", ".join(f"{k} {v}" for k, v in sorted(arms.items())))
     r = space.resources
     print(f"  per trial: cpu={r.cpu:g} gpu={r.gpu:g}; max concurrent: {space.max_concurrent or 'unlimited'}")
@@ -117,6 +122,18 @@ def run_validate(args) -> int:
             mark = "  [ours: no thesis reference]" if _our_pair(t.config) else ""
             print(f"  {t.id}: {t.run_name}{mark}")
     return 0
+
+
+def _search_budget(space, known: int) -> str:
+    """How a search spends its budget, e.g. ``searches 12 trials: 2 known points, then 10 suggested ...``."""
+    s = space.search
+    keys = ", ".join(space.sample)
+    scheduler = f"; {space.scheduler.type} on {space.scheduler.metric}" if space.scheduler.type != "none" else ""
+    return (
+        f"searches {s.num_trials} trials: {known} known point(s) (grid × include) first, then "
+        f"{s.num_trials - known} suggested by {s.algorithm} over {keys}; {s.mode} {s.metric}, seed {s.seed}, "
+        f"{s.startup_trials} random startup trials{scheduler}"
+    )
 
 
 def _our_pair(cfg) -> tuple[str, str] | None:
@@ -148,6 +165,8 @@ def run_sweep_command(args) -> int:
 
     check_job_outputs(args.storage, bool(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
     space = load_space(args.space, args.overrides)
+    for warning in space.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     name = args.name or space.name
     if args.resume:
         require_sweep(SweepDir.of(args.storage, name))

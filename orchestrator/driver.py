@@ -135,10 +135,9 @@ def plan(space: SearchSpace, sweep: SweepDir, tracking_uri: str) -> list[TrialSp
     """Check the tracking store, then expand and record the trials (no training, no runs yet)."""
     check_reachable(tracking_uri)
     load_trial_hooks()  # a broken test seam fails here, before Ray, not in every trial
-    trials = expand(space)
+    trials = expand(space)  # a search's known points; its suggestions so far come back from `record`
     check_checkpoints(trials)
-    sweep.record(space, trials)
-    return trials
+    return sweep.record(space, trials)
 
 
 def prepare(
@@ -156,7 +155,7 @@ def prepare(
         prepare_data(cfg, cache)
     status = sweep.status()
     _note_orphans(tracking, name)
-    run_ids = {t.id: _child(tracking, t, {*status.finished, *status.failed}) for t in trials}
+    run_ids = {t.id: _child(tracking, t, {*status.finished, *status.failed, *status.stopped}) for t in trials}
     return Prepared(trials, SweepContext(sweep, tracking, run_ids, str(cache)))
 
 
@@ -202,6 +201,8 @@ def _child(tracking: SweepTracking, t: TrialSpec, settled: set[str]) -> str:
 
 def sweep_description(space: SearchSpace, name: str, n_trials: int) -> str:
     """The sweep file's description, or a plain one."""
+    if space.search is not None:  # its budget, not the trials suggested so far
+        n_trials = space.search.num_trials
     return space.description or f"Sweep `{name}` from {space.source.name}: {n_trials} trials."
 
 
@@ -274,10 +275,16 @@ def summarise(space: SearchSpace, name: str, ctx: Prepared, outcome: SweepOutcom
 
     rows = ctx.sweep.result_rows()
     outcome.reading = read_result(rows)
+    tables, rank = dict(outcome.tables), {}
+    if space.search is not None:
+        from orchestrator.search_report import search_tables
+
+        tables |= search_tables(space, ctx.sweep, ctx.tracking)
+        rank = {"rank_by": space.search.metric, "mode": space.search.mode}
     if rows:
         describe_sweep(
             ctx.tracking, description=sweep_description(space, name, outcome.status.total), rows=rows,
-            total=outcome.status.total, failed=outcome.status.failed, tables=outcome.tables,
+            total=outcome.status.total, failed=outcome.status.failed, tables=tables, **rank,
         )  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from training.config.trial import TrialConfig
 from training.errors import CheckpointError, ConfigError
 from training.registry import Registry
 
-__all__ = ["SearchSpace", "TrialSpec", "arm", "check_checkpoints", "expand", "load_space", "run_name"]
+__all__ = ["SearchSpace", "TrialSpec", "arm", "check_checkpoints", "expand", "load_space", "run_name", "trial_spec"]
 
 SAMPLERS: Registry = Registry("sampler", names=names.SAMPLERS)
 
@@ -72,9 +72,15 @@ def _axis_points(key: str, value: Any) -> dict[str, Any]:
 def expand(space: SearchSpace) -> list[TrialSpec]:
     """Every trial of the space, in a stable order, duplicates removed.
 
+    With ``search:``, the known points only (``grid`` × ``include``, nothing drawn
+    from ``sample``): the searcher suggests the rest while the sweep runs.
+
     Raises:
-        ConfigError: naming the trial's overrides when one resolves to a bad config.
+        ConfigError: naming the trial's overrides when one resolves to a bad config,
+            or a search whose known points leave nothing of its budget to suggest.
     """
+    if space.search is not None:
+        return _known_points(space)
     rng = np.random.default_rng(space.sample_seed)
     keys = list(space.grid)
     points: list[dict[str, Any]] = []
@@ -83,29 +89,53 @@ def expand(space: SearchSpace) -> list[TrialSpec]:
             drawn = {
                 k: SAMPLERS.get(name)(rng, args) for k, spec in space.sample.items() for name, args in spec.items()
             }
-            fixed = {k: v for key, value in zip(keys, values, strict=True) for k, v in _axis_points(key, value).items()}
-            points.append(fixed | drawn)
+            points.append(_grid_point(keys, values) | drawn)
     points.extend(dict(i) for i in space.include)
     return _resolve(space, points)
 
 
+def _grid_point(keys: list[str], values: tuple) -> dict[str, Any]:
+    return {k: v for key, value in zip(keys, values, strict=True) for k, v in _axis_points(key, value).items()}
+
+
+def _known_points(space: SearchSpace) -> list[TrialSpec]:
+    keys = list(space.grid)
+    points = [_grid_point(keys, values) for values in itertools.product(*(space.grid[k] for k in keys))] if keys else []
+    trials = _resolve(space, [*points, *(dict(i) for i in space.include)])
+    if len(trials) >= space.search.num_trials:
+        raise ConfigError(
+            f"{space.source}: search.num_trials: {space.search.num_trials} leaves nothing to suggest after the "
+            f"{len(trials)} known points (grid × include) that run first; expected more than {len(trials)}"
+        )
+    return trials
+
+
 def _resolve(space: SearchSpace, points: list[dict[str, Any]]) -> list[TrialSpec]:
-    threads = max(1, int(space.resources.cpu))  # one intra-op thread per CPU a trial owns
     trials, seen = [], set()
     for overrides in points:
-        data = apply_overrides(space.base, overrides)
-        train = data.setdefault("train", {})
-        if not train.get("threads"):
-            train["threads"] = threads
-        try:
-            cfg = from_dict(TrialConfig, data)
-        except ConfigError as err:
-            raise ConfigError(f"{space.source}: trial with {overrides}: {err}") from None
-        if cfg.digest() in seen:
+        trial = trial_spec(space, len(trials), overrides)
+        if trial.config.digest() in seen:
             continue
-        seen.add(cfg.digest())
-        trials.append(TrialSpec(f"{len(trials):03d}-{_tag(overrides)}", overrides, cfg))
+        seen.add(trial.config.digest())
+        trials.append(trial)
     return trials
+
+
+def trial_spec(space: SearchSpace, index: int, overrides: dict[str, Any]) -> TrialSpec:
+    """The ``index``-th trial of ``space``: the base with ``overrides``, id ``NNN-<values>``.
+
+    Raises:
+        ConfigError: naming the overrides when they resolve to a bad config.
+    """
+    data = apply_overrides(space.base, overrides)
+    train = data.setdefault("train", {})
+    if not train.get("threads"):
+        train["threads"] = max(1, int(space.resources.cpu))  # one intra-op thread per CPU a trial owns
+    try:
+        cfg = from_dict(TrialConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{space.source}: trial with {overrides}: {err}") from None
+    return TrialSpec(f"{index:03d}-{_tag(overrides)}", overrides, cfg)
 
 
 def check_checkpoints(trials: list[TrialSpec]) -> None:

@@ -29,9 +29,14 @@ def describe_sweep(
     failed: Sequence[str],
     tables: Mapping[str, str],
     rank_by: str = "miou",
+    mode: str = "max",
 ) -> str:
-    """Write the parent run's description and best-trial metrics; returns the markdown."""
-    best = max((r for r in rows if isinstance(r.get(rank_by), int | float)), key=lambda r: r[rank_by], default=None)
+    """Write the parent run's description and best-trial metrics; returns the markdown.
+
+    The best trial is the one with the highest ``rank_by`` (the lowest with ``mode`` min).
+    """
+    ranked = [r for r in rows if isinstance(r.get(rank_by), int | float)]
+    best = (max if mode == "max" else min)(ranked, key=lambda r: r[rank_by], default=None)
     parent = tracking.parent
     plots = {Path(name).stem for name in parent.list_artifacts("plots")}
     text = sweep_markdown(

@@ -14,6 +14,7 @@ It is unset in normal use, and then the hooks do nothing.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 from orchestrator.cluster import HOOKS_ENV
 from orchestrator.offline import JournalingTracker
+from orchestrator.space import TrialSpec
 from orchestrator.sweep_dir import SweepDir
 from orchestrator.tracking import MlflowTracker, SweepTracking
 from training.config import TrialConfig, from_dict
@@ -86,8 +88,14 @@ def load_trial_hooks() -> TrialHooks:
     return hooks
 
 
+def trial_param(t: TrialSpec) -> dict[str, Any]:
+    """What a trial receives as ``config["trial"]``: its id, run name and resolved config (plain data);
+    a search adds ``run_id``, the MLflow run the driver made as it suggested the trial."""
+    return {"trial_id": t.id, "run_name": t.run_name, "config": json.loads(json.dumps(t.config.to_dict()))}
+
+
 def sweep_trainable(config: dict[str, Any], context: SweepContext) -> None:
-    """One Tune trial; ``config["trial"]`` holds its id and resolved config (`tuner.trial_param`)."""
+    """One Tune trial; ``config["trial"]`` holds its id and resolved config (`trial_param`)."""
     from ray import tune
 
     spec = config["trial"]
@@ -102,12 +110,14 @@ def sweep_trainable(config: dict[str, Any], context: SweepContext) -> None:
     trial.create()
     hooks = load_trial_hooks()
     hooks.trial_started(trial_id, trial)
-    run_id = context.run_ids[trial_id]  # created by the driver, never by racing trials
+    run_id = spec.get("run_id") or context.run_ids[trial_id]  # made by the driver (a search's: as it suggests)
     tracker = JournalingTracker(hooks.tracker(trial_id, context.tracking.trial_tracker(run_id)), trial.journal)
     tracker.set_status("RUNNING")  # a retried or restored trial reopens its run
     tracker.set_tags(_placement())
     checkpoint = tune.get_checkpoint()
     resume = Path(checkpoint.to_directory()) if checkpoint else None
+    if resume is None and "run_id" in spec and trial.state.is_file():
+        resume = trial.checkpoint  # a search's trial: each rerun is a new Tune experiment, so its own checkpoint
     last: dict[str, float] = {}
 
     def report(metrics: dict[str, float], ckpt_dir: Path) -> None:

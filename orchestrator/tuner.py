@@ -8,11 +8,10 @@ suggests trials instead of enumerating them plugs in beside it.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from orchestrator.space import SearchSpace, TrialSpec
-from orchestrator.trainable import SweepContext, sweep_trainable
+from orchestrator.trainable import SweepContext, sweep_trainable, trial_param
 from training.config import names
 from training.config.sweep import SchedulerSpec
 from training.registry import Registry
@@ -38,7 +37,14 @@ def run_trials(space: SearchSpace, trials: list[TrialSpec], ctx: SweepContext, *
     pending = [t for t in trials if t.id not in finished]
     trainable = tune.with_resources(tune.with_parameters(sweep_trainable, context=ctx), space.resources.as_ray())
     tune_dir = str(ctx.sweep.tune)
-    if tune.Tuner.can_restore(tune_dir):
+    if space.search is not None:  # always a new experiment: the sweep folder holds the search (`search_tune`)
+        from orchestrator.search_tune import RecordingASHA, search_settings
+
+        searcher, num_samples = search_settings(space, trials, ctx)
+        scheduler = RecordingASHA(space, ctx) if space.scheduler.type == "asha" else None
+        config = _tune_config(space, search_alg=searcher, num_samples=num_samples, scheduler=scheduler)
+        tuner = tune.Tuner(trainable, tune_config=config, run_config=_run_config(space, ctx, verbose=verbose))
+    elif tune.Tuner.can_restore(tune_dir):
         tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -53,11 +59,6 @@ def _param_space(trials: list[TrialSpec]) -> dict[str, Any]:
     from ray import tune
 
     return {"trial": tune.grid_search([trial_param(t) for t in trials])}
-
-
-def trial_param(t: TrialSpec) -> dict[str, Any]:
-    """What a trial receives as ``config["trial"]``: its id, run name and resolved config (plain data)."""
-    return {"trial_id": t.id, "run_name": t.run_name, "config": json.loads(json.dumps(t.config.to_dict()))}
 
 
 @SCHEDULERS.register("none")
@@ -75,12 +76,13 @@ def _asha(s: SchedulerSpec):
     )  # fmt: skip
 
 
-def _tune_config(space: SearchSpace):
+def _tune_config(space: SearchSpace, *, scheduler=None, **search):
     from ray import tune
 
     return tune.TuneConfig(
-        scheduler=SCHEDULERS.get(space.scheduler.type)(space.scheduler),
-        max_concurrent_trials=space.max_concurrent or None,
+        scheduler=scheduler or SCHEDULERS.get(space.scheduler.type)(space.scheduler),
+        max_concurrent_trials=None if search else space.max_concurrent or None,  # a search: its ConcurrencyLimiter
+        **search,
         trial_name_creator=_trial_id,
         trial_dirname_creator=_trial_id,
     )

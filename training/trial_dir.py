@@ -11,6 +11,7 @@ so the layout is written down once, here::
     <trial>/gallery/*.png         CAM overlays
     <trial>/events.jsonl          what a trial run without MLflow logged (`ConsoleTracker`)
     <trial>/diverged.json         why a diverged trial stopped; it is never retried
+    <trial>/stopped.json          the epoch an early-stopping scheduler (ASHA) stopped it at; settled, never rerun
     <trial>/unsynced.jsonl        tracking calls MLflow missed, replayed later (`orchestrator.offline`)
     <trial>/refine/<pipeline>/    refined masks and IoU counts (`orchestrator.refine_actors`)
 
@@ -87,6 +88,10 @@ class TrialDir:
         return self.path / "diverged.json"
 
     @property
+    def stopped(self) -> Path:
+        return self.path / "stopped.json"
+
+    @property
     def journal(self) -> Path:
         return self.path / "unsynced.jsonl"
 
@@ -115,3 +120,10 @@ class TrialDir:
 
     def mark_diverged(self, reason: str) -> None:
         atomic_write_json(self.diverged, {"reason": reason}, indent=None)
+
+    def stopped_reason(self) -> str | None:
+        """Why a scheduler stopped the trial early, or None when it did not."""
+        return json.loads(self.stopped.read_text())["reason"] if self.stopped.is_file() else None
+
+    def mark_stopped(self, reason: str, *, epoch: int) -> None:
+        atomic_write_json(self.stopped, {"reason": reason, "epoch": epoch}, indent=None)

@@ -22,12 +22,13 @@ from typing import Any
 from training.config import names
 from training.config.parse import apply_overrides, check_int, from_dict, load_yaml, parse_overrides
 from training.config.refine import parse_pipeline, pipeline_key
+from training.config.search import SearchSpec, check_metric
 from training.config.trial import TrialConfig
 from training.errors import ConfigError, did_you_mean
 
 SECTIONS = (
     "name", "description", "base", "set", "grid", "sample", "num_samples", "sample_seed", "include",
-    "resources", "max_concurrent", "max_failures", "scheduler", "tables", "refine",
+    "resources", "max_concurrent", "max_failures", "scheduler", "search", "tables", "refine",
 )  # fmt: skip
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BOUNDED_SAMPLERS = ("uniform", "loguniform", "randint")  # take [low, high]
@@ -67,7 +68,7 @@ class SchedulerSpec:
     """Early stopping; ``none`` runs every trial to the end."""
 
     type: str = "none"  # a name in names.SCHEDULERS
-    metric: str = "test_miou_1x"
+    metric: str = "val_miou_1x"  # a per-epoch metric (search.EPOCH_METRICS); test_* only without a validation split
     mode: str = "max"
     grace_period: int = 1
     reduction_factor: float = 2.0
@@ -277,9 +278,11 @@ class SearchSpace:
     max_concurrent: int = 0  # 0 = as many as resources allow
     max_failures: int = 2
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    search: SearchSpec | None = None  # suggest trials over `sample` instead of drawing them
     tables: tuple[TableSpec, ...] = ()
     refine: RefineSection | None = None
     raw: dict[str, Any] = field(default_factory=dict)  # the file as written, for MLflow
+    warnings: tuple[str, ...] = ()  # what `wsss validate` and `wsss sweep` print before anything runs
 
 
 def load_space(path: Path, overrides: list[str] | None = None) -> SearchSpace:
@@ -299,7 +302,7 @@ def _build(raw: dict[str, Any], path: Path, extra: dict[str, Any]) -> SearchSpac
         if key not in SECTIONS:
             raise ConfigError(f"{key}: unknown section{did_you_mean(key, SECTIONS)}; valid: {', '.join(SECTIONS)}")
     base = apply_overrides(apply_overrides(_base(raw.get("base"), path), _mapping(raw, "set")), extra)
-    from_dict(TrialConfig, base)  # fail early on a bad base, before expanding
+    base_cfg = from_dict(TrialConfig, base)  # fail early on a bad base, before expanding
     grid = _mapping(raw, "grid")
     for key, values in grid.items():
         _check_axis(key, values)
@@ -309,6 +312,9 @@ def _build(raw: dict[str, Any], path: Path, extra: dict[str, Any]) -> SearchSpac
     include = raw.get("include") or []
     if not isinstance(include, list) or not all(isinstance(i, dict) for i in include):
         raise ConfigError("include: expected a list of mappings of dotted overrides")
+    scheduler = from_dict(SchedulerSpec, raw.get("scheduler"), "scheduler")
+    search = SearchSpec.from_dict(raw["search"]) if raw.get("search") is not None else None
+    warnings = _check_metrics(raw, search, sample, scheduler, base_cfg.data.val_fraction)
     return SearchSpace(
         name=str(raw.get("name") or path.stem),
         source=path,
@@ -322,11 +328,50 @@ def _build(raw: dict[str, Any], path: Path, extra: dict[str, Any]) -> SearchSpac
         resources=from_dict(Resources, raw.get("resources"), "resources"),
         max_concurrent=_positive_int(raw.get("max_concurrent", 0), "max_concurrent", low=0),
         max_failures=_positive_int(raw.get("max_failures", 2), "max_failures", low=0),
-        scheduler=from_dict(SchedulerSpec, raw.get("scheduler"), "scheduler"),
+        scheduler=scheduler,
+        search=search,
         tables=tuple(TableSpec.from_dict(t) for t in raw.get("tables") or []),
         refine=RefineSection.from_dict(raw["refine"]) if raw.get("refine") else None,
         raw=raw,
+        warnings=warnings,
     )
+
+
+def _check_metrics(
+    raw: dict[str, Any],
+    search: SearchSpec | None,
+    sample: dict[str, Any],
+    scheduler: SchedulerSpec,
+    val_fraction: float,
+) -> tuple[str, ...]:
+    """What a search and an ASHA scheduler read must be reported, and not chosen on the test set.
+
+    Returns:
+        The warnings to print (a test metric where no validation split exists).
+    """
+    said = []
+    if scheduler.type == "asha":
+        said.append(check_metric(scheduler.metric, field="scheduler.metric", val_fraction=val_fraction, per_epoch=True))
+    if search is not None:
+        if not sample:
+            raise ConfigError(
+                "search: nothing to search; `sample:` names no distribution to suggest from, "
+                "e.g. sample: {transfer.lam: {loguniform: [0.3, 1.5]}}"
+            )
+        for key in ("num_samples", "sample_seed"):
+            if key in raw:
+                raise ConfigError(
+                    f"{key}: not used with search: (the budget is search.num_trials, its seed search.seed)"
+                )
+        for key, spec in sample.items():
+            for value in spec.get("choice", []):
+                if not (value is None or isinstance(value, str | int | float | bool)):
+                    raise ConfigError(
+                        f"sample.{key}.choice: with search:, each choice must be one value (text, number, "
+                        f"true/false or null), got {value!r}"
+                    )
+        said.append(check_metric(search.metric, field="search.metric", val_fraction=val_fraction, per_epoch=False))
+    return tuple(w for w in said if w)
 
 
 def _base(value: Any, path: Path) -> dict[str, Any]:
