@@ -90,17 +90,9 @@ def channel_units(features: Tensor) -> Tensor:
     return features.flatten(2)
 
 
-@LEVELS.register("channel_matched")
-def matched_channel_units(features: Tensor) -> Tensor:
-    """Each channel's flattened spatial map, channel i paired with channel i (ours).
-
-    Args:
-        features: ``B×C×H×W``.
-
-    Returns:
-        ``B×C×(H·W)``.
-    """
-    return features.flatten(2)
+# Same units as `channel`; only the pairing differs (channel i with channel i, ours), and the
+# pairing is the level's fact in `names.LevelInfo`, read by the distance, not by the units.
+LEVELS.register("channel_matched")(channel_units)
 
 
 @LEVELS.register("spatial_map")
