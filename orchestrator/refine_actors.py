@@ -39,6 +39,9 @@ from training.trial_dir import TrialDir
 
 SEED_SPEC: list[dict[str, Any]] = []  # the empty pipeline: seed_mask(cam, threshold=0.3), key "seed"
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+# How long an unreachable actor's fate is awaited (`_await_verdict`): Ray declares a node dead after
+# its health checks fail (by default 5 missed pings 3 s apart, each with its own timeout).
+VERDICT_TIMEOUT_S = 60.0
 
 
 class RefineFailed(WsssError):
@@ -351,6 +354,8 @@ class _Dispatcher:
         try:
             reply = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as err:
+            if isinstance(err, ray.exceptions.ActorUnavailableError):
+                _await_verdict(slot.actor)
             self._retire(slot)
             if read_counts(self.units[index]) is not None:  # it died after finishing the unit
                 reply = {"status": DONE}
@@ -395,6 +400,28 @@ class _Dispatcher:
         if slot.actor is not None:
             ray.kill(slot.actor, no_restart=True)
             slot.actor = None
+
+
+def _await_verdict(actor: Any, timeout_s: float = VERDICT_TIMEOUT_S) -> None:
+    """Wait until Ray has declared an unreachable actor dead (or ``timeout_s`` passed).
+
+    A killed process is reported dead at once by its node; a lost node is not:
+    its actors are only "unavailable" (the raylet's socket closed) until Ray's
+    health checks declare the node dead. A replacement created meanwhile can be
+    placed on that node and die with it, costing its unit a second retry; once
+    the verdict is in, `_Dispatcher._shrink` sees the node gone.
+    """
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:  # the GCS's actor table: works without the dashboard that ray.util.state needs
+            info = ray._private.state.actors(actor._actor_id.hex())
+        except Exception:  # no verdict to be had: go on as for a dead actor
+            return
+        if not info or info.get("State") == "DEAD":
+            return
+        time.sleep(0.5)
 
 
 def _check_pool(queues: dict[str, deque], units: Sequence[RefineUnit], cpu_actors: int, gpu_actors: int,
