@@ -18,9 +18,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/wsss sweep search_spaces/quick.yaml
 
+# Two workers even on 2 cores: the end-to-end tests mostly wait on Ray and MLflow starting. Whole
+# modules go to a worker (--dist loadfile), slow ones first (tests/conftest.py), so each module's
+# fixtures run once.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(BIN)/ruff check .
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 \
+		-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

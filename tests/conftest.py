@@ -24,6 +24,17 @@ TINY_VIT = {"name": "vit_tiny_patch16_224", "options": {"patch_size": 8, "depth"
 TINY_CNN = {"name": "resnet10t", "output_stride": 8, "options": {"channels": [8, 16, 32, 64], "stem_width": 8}}
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules holding ``slow`` tests first, each kept whole (its module fixtures run once).
+
+    `make test` spreads modules over two workers (pytest-xdist, ``--dist loadfile
+    --no-loadscope-reorder``): the slow ones, which mostly wait on Ray and MLflow
+    starting, then start at once on both, and the quick ones fill in behind them.
+    """
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: order within kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Run the whole session as on a machine that never ran anything: its own empty HOME
