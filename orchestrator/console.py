@@ -20,6 +20,7 @@ import numbers
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -95,6 +96,7 @@ class SweepConsole:
         self.start = clock()
         self._drawn = 0  # lines of the live table now on screen (0: draw the next one below)
         self._last_draw = -math.inf
+        self._lock = threading.RLock()  # `say` may come from another thread (the driver's NodeWatch)
 
     # ---------------------------------------------------------------- before Tune
 
@@ -107,9 +109,10 @@ class SweepConsole:
             row.epoch = row.epochs
 
     def say(self, line: str) -> None:
-        """One line of the sweep's story (a teacher's epoch, the refinement), outside the table."""
-        self._lift()
-        self._write(line + "\n")
+        """One line of the sweep's story (a teacher's epoch, the refinement, a lost node), outside the table."""
+        with self._lock:
+            self._lift()
+            self._write(line + "\n")
 
     # ---------------------------------------------------------------- Tune's events
 
@@ -243,9 +246,10 @@ class SweepConsole:
     def _draw(self) -> None:
         width = shutil.get_terminal_size((100, 24)).columns
         text = "".join(line + "\n" for line in self.table(width))
-        self._write((_UP_AND_CLEAR.format(n=self._drawn) if self._drawn else "") + text)
-        self._drawn = text.count("\n")
-        self._last_draw = self.clock()
+        with self._lock:
+            self._write((_UP_AND_CLEAR.format(n=self._drawn) if self._drawn else "") + text)
+            self._drawn = text.count("\n")
+            self._last_draw = self.clock()
 
     def _lift(self) -> None:
         """Leave the live table where it is; what comes next is written below it."""

@@ -97,7 +97,7 @@ def run_sweep(
             errors = {}
             if pending:
                 # NodeWatch: a lost node makes the sweep wait with a message, then stop
-                with showing(console), NodeWatch(space.resources, sweep=name, nodes=ray.nodes):
+                with showing(console), NodeWatch(space.resources, sweep=name, nodes=ray.nodes, say=console.say):
                     errors = trial_errors(run_trials(space, prepared.trials, prepared.context, verbose=verbose))
             outcome = settle(space, name, prepared)
             outcome.errors = {t: e for t, e in errors.items() if t not in outcome.status.finished}
@@ -154,12 +154,12 @@ def prepare(
     for cfg in {t.config.data for t in trials}:
         prepare_data(cfg, cache)
     status = sweep.status()
-    _note_orphans(tracking, name)
+    _note_orphans(tracking, name, console)
     run_ids = {t.id: _child(tracking, t, {*status.finished, *status.failed, *status.stopped}) for t in trials}
     return Prepared(trials, SweepContext(sweep, tracking, run_ids, str(cache)))
 
 
-def _note_orphans(tracking: SweepTracking, name: str) -> None:
+def _note_orphans(tracking: SweepTracking, name: str, console: SweepConsole) -> None:
     """Say which runs a driver that died (SIGKILL, a lost login node) left RUNNING.
 
     This driver holds the sweep's lock, so no trial of the sweep runs now: a
@@ -169,8 +169,8 @@ def _note_orphans(tracking: SweepTracking, name: str) -> None:
     """
     orphans = sorted(r.data.tags.get(TRIAL_TAG, "?") for r in tracking.child_runs() if r.info.status == "RUNNING")
     if orphans:
-        print(f"sweep {name}: {len(orphans)} MLflow run(s) left RUNNING by a driver that did not close them "
-              f"(killed?): {', '.join(orphans)}; each is reused by its trial", file=sys.stderr)  # fmt: skip
+        console.say(f"sweep {name}: {len(orphans)} MLflow run(s) left RUNNING by a driver that did not close them "
+                    f"(killed?): {', '.join(orphans)}; each is reused by its trial")  # fmt: skip
 
 
 def _with_teachers(trials: list[TrialSpec], sweep: SweepDir, cache: Path, console: SweepConsole) -> list[TrialSpec]:

@@ -96,3 +96,21 @@ def test_refinement_actors_are_no_more_than_the_live_nodes_hold():
     assert actor_capacity(nodes, "cpu") == 6
     assert actor_capacity(nodes, "cpu", gpu_actors=1) == 5  # the GPU actor has one of the 6 CPUs
     assert actor_capacity([{"Resources": {"CPU": 4.0}}], "gpu") == 0  # the GPU node was lost
+
+
+
+def test_messages_go_below_the_sweep_consoles_live_table():
+    from orchestrator.console import SweepConsole
+
+    screen, now = io.StringIO(), [0.0]
+    console = SweepConsole("s", [("000-a", 2)], stream=screen, live=True, clock=lambda: now[0])
+    console.tick()  # the live table is drawn
+    script, stopped = Script(CPU_NODE), threading.Event()
+    want = Resources(cpu=1.0, gpu=1.0, wait_for_node_s=30)
+    with NodeWatch(want, sweep="s", nodes=script, poll_s=0.02, say=console.say, stop=stopped.set):
+        _reads(script, 3)
+    now[0] = 5.0
+    console.tick()  # the next redraw
+    before, message, after = screen.getvalue().partition("sweep s: waiting: no live node can hold a trial now (")
+    assert message and "\x1b[" not in after  # drawn below the message: no cursor move up over it
+    assert "000-a" in before and "000-a" in after  # the table, then the message, then the table again
