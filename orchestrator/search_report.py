@@ -21,7 +21,7 @@ from pathlib import Path
 from orchestrator.search import Observation, history, importances, observations
 from orchestrator.space import SearchSpace
 from orchestrator.sweep_dir import SweepDir
-from orchestrator.tables import _figure
+from orchestrator.tables import new_figure
 from orchestrator.tracking import SweepTracking
 
 HISTORY, IMPORTANCES = "search_history", "parameter_importances"
@@ -51,7 +51,7 @@ def _num(value: float | None) -> str:
 def plot_history(observed: Sequence[Observation], mode: str, metric: str, out: Path) -> Path:
     """Each trial's value (dots) and the best so far (steps) against the trial number; a PNG."""
     points = history(observed, mode)
-    fig = _figure(7, 4)
+    fig = new_figure(7, 4)
     ax = fig.add_subplot()
     done = [(n, v) for n, v, _ in points if v is not None]
     best = [(n, b) for n, _, b in points if b is not None]

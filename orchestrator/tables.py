@@ -180,8 +180,11 @@ def results_table(
     return md, text
 
 
-def _figure(width: float, height: float):
-    # Figure without pyplot: no global state and no GUI backend inside Ray workers.
+def new_figure(width: float, height: float):
+    """A ``width``×``height`` inch matplotlib Figure at 100 dpi, for every plot the sweep logs.
+
+    Built without pyplot: no global state and no GUI backend inside Ray workers.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -219,7 +222,7 @@ def plot_lambda(
         ``out``, a PNG file.
     """
     curves = lambda_curves(rows, value=value, group_by=group_by)
-    fig = _figure(7, 4.5)
+    fig = new_figure(7, 4.5)
     ax = fig.add_subplot()
     for group, pts in curves.items():
         ax.plot([p[0] for p in pts], [p[1] * scale for p in pts], marker="o",
@@ -254,7 +257,7 @@ def plot_heatmap(table: Pivot, out: Path) -> Path:
                 grid[i, j] = cell.mean
     title = f"{table.spec.name}: {table.spec.value}"
     # Wide enough for the title too (a one-column table would clip it).
-    fig = _figure(max(1.6 + 1.3 * max(1, grid.shape[1]), 1.2 + 0.09 * len(title)), 1.2 + 0.6 * max(1, grid.shape[0]))
+    fig = new_figure(max(1.6 + 1.3 * max(1, grid.shape[1]), 1.2 + 0.09 * len(title)), 1.2 + 0.6 * max(1, grid.shape[0]))
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
     fig.colorbar(image, ax=ax)
