@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,32 +116,47 @@ def sweep_trainable(config: dict[str, Any], context: SweepContext) -> None:
     tracker = JournalingTracker(hooks.tracker(trial_id, context.tracking.trial_tracker(run_id)), trial.journal)
     tracker.set_status("RUNNING")  # a retried or restored trial reopens its run
     tracker.set_tags(_placement())
-    checkpoint = tune.get_checkpoint()
-    resume = Path(checkpoint.to_directory()) if checkpoint else None
-    if resume is None and "run_id" in spec and trial.state.is_file():
-        resume = trial.checkpoint  # a search's trial: each rerun is a new Tune experiment, so its own checkpoint
-    last: dict[str, float] = {}
+    with _restored(tune.get_checkpoint()) as resume:  # Tune's last checkpoint of this trial, if any
+        if resume is None and "run_id" in spec and trial.state.is_file():
+            resume = trial.checkpoint  # a search's trial: each rerun is a new Tune experiment, so its own checkpoint
+        last: dict[str, float] = {}
 
-    def report(metrics: dict[str, float], ckpt_dir: Path) -> None:
-        last.update(metrics)
-        tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
-        hooks.epoch_reported(trial_id, trial, int(metrics["epoch"]))
+        def report(metrics: dict[str, float], ckpt_dir: Path) -> None:
+            last.update(metrics)
+            tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+            hooks.epoch_reported(trial_id, trial, int(metrics["epoch"]))
 
-    try:
-        final = run_trial(
-            cfg, trial.path, tracker=tracker, on_epoch=report, resume_from=resume, cache=Path(context.cache)
-        )
-    except TrainingDiverged as err:
-        trial.mark_diverged(str(err))
-        tracker.set_tags({"wsss.failure": str(err)[:5000]})
-        tracker.set_status("FAILED")
-        raise
-    except BaseException as err:
-        tracker.set_tags({"wsss.failure": f"{type(err).__name__}: {err}"[:5000]})
-        tracker.set_status("FAILED")
-        raise
-    tune.report(last | final)
-    tracker.set_status("FINISHED")
+        try:
+            final = run_trial(
+                cfg, trial.path, tracker=tracker, on_epoch=report, resume_from=resume, cache=Path(context.cache)
+            )
+        except TrainingDiverged as err:
+            trial.mark_diverged(str(err))
+            tracker.set_tags({"wsss.failure": str(err)[:5000]})
+            tracker.set_status("FAILED")
+            raise
+        except BaseException as err:
+            tracker.set_tags({"wsss.failure": f"{type(err).__name__}: {err}"[:5000]})
+            tracker.set_status("FAILED")
+            raise
+        tune.report(last | final)
+        tracker.set_status("FINISHED")
+
+
+@contextmanager
+def _restored(checkpoint) -> Iterator[Path | None]:
+    """The folder of Tune's checkpoint ``checkpoint`` (None: none) while the trial resumes from it.
+
+    ``as_directory``, not ``to_directory``: on local or shared storage it is the
+    checkpoint's own folder, and a copy fetched from remote storage is deleted
+    afterwards. ``to_directory`` left a copy of the whole state (model and
+    optimiser) in the node's temporary folder at every resume.
+    """
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as folder:
+        yield Path(folder)
 
 
 def _placement() -> dict[str, str]:

@@ -284,7 +284,9 @@ def faulty_sweep(tmp_path_factory, synth_root) -> dict:
         "max_failures": 1,
     }
     _write_space(folder, space)
-    inject = fault_env("crash_once:000-crash:1,tracking_down:001-offline")
+    # The sweep's own temporary folder (its trials inherit it): what a resume leaves there is seen.
+    (folder / "tmp").mkdir()
+    inject = fault_env("crash_once:000-crash:1,tracking_down:001-offline") | {"TMPDIR": str(folder / "tmp")}
     trials = folder / "runs" / "faulty" / "trials"
 
     def finished() -> list[Path]:
@@ -352,6 +354,8 @@ def test_crashed_trial_resumes_from_its_checkpoint_with_the_same_metrics(faulty_
     recorded = json.loads((folder / "runs" / "faulty" / "trials.json").read_text())["000-crash"]["config"]
     clean = run_trial(from_dict(TrialConfig, recorded), tmp_path / "clean")
     assert json.loads((trial / "metrics.json").read_text()) == clean
+    # Resumed from the checkpoint in place: no copy of it left in the node's temporary folder.
+    assert not list((folder / "tmp").glob("checkpoint_tmp_*"))
 
 
 @pytest.mark.slow
