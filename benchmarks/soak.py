@@ -30,7 +30,7 @@ duplicated. The faults come through the product's one test seam, so this puts
 
 Usage::
 
-    nice -n 10 .venv/bin/python benchmarks/soak.py                 # 24 trials, seed 0 (tens of minutes on 2 cores)
+    nice -n 10 .venv/bin/python benchmarks/soak.py                 # 24 trials, seed 0 (about 17 min on 2 shared cores)
     .venv/bin/python benchmarks/soak.py --trials 4 --crashes 1     # a quick check
 """
 
