@@ -25,7 +25,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -82,8 +82,28 @@ def _lose_node_when_held(cluster, trial: Path, epoch: int, lost: dict) -> None:
     held = json.loads(marker.read_text())
     (node,) = [n for n in cluster.worker_nodes if n.node_id == held["node_id"]]
     cluster.remove_node(node, allow_graceful=False)
+    _gone_with_its_node(held["pid"])
     lost.update(node_id=node.node_id, pid=held["pid"])
     release(trial, epoch)  # nothing is left to release: the process died with its node
+
+
+def _gone_with_its_node(pid: int, wait_s: float = 10.0) -> None:
+    """A lost machine takes all its processes; here a worker can outlive its killed raylet a while.
+
+    Left alive and released, it would go on training and report to the driver
+    directly (seen once: the trial finished on the "lost" node), so it is killed
+    as the machine's loss would have.
+    """
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        process.wait(timeout=wait_s)
+    except psutil.NoSuchProcess:
+        return
+    except psutil.TimeoutExpired:
+        with suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def _space(folder: Path, synth_root: Path, name: str, labels: list[str], resources: dict) -> Path:
