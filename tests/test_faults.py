@@ -422,33 +422,60 @@ def _fake_trial(trial: Path, data: Path) -> None:
     write_shards(trial / "cams", [i.id for i in items], cams, labels - 0.5, labels, shard_size=8)
 
 
+def fault_the_next_busy_actor(monkeypatch, fault) -> dict:
+    """Once an actor has answered (its process is up), ``fault`` the actor just handed a unit.
+
+    ``fault`` gets the actor's GCS record (``Pid``, ``Address.NodeID``) and returns what it
+    did; the dict returned here fills with that and the unit's ``index`` once it has run.
+    """
+    import ray
+
+    from orchestrator import refine_actors
+
+    feed, done = refine_actors._Dispatcher._feed, {}
+
+    def feed_then_fault(self):
+        feed(self)
+        if done or not self.replies:
+            return
+        slot, index = list(self.in_flight.values())[-1]  # the unit just handed to that actor
+        done.update(fault(ray._private.state.actors(slot.actor._actor_id.hex())), index=index)
+
+    monkeypatch.setattr(refine_actors._Dispatcher, "_feed", feed_then_fault)
+    return done
+
+
+def assert_one_unit_redone_once(results: list, units: list, faulted: int) -> None:
+    """Exactly one unit ran twice, none more, and every unit is done.
+
+    Usually the one just handed to the faulted actor; on a loaded machine that unit
+    can finish while the actor is being looked up, and then the next unit the dead
+    actor is given is the one requeued. Either way the fault costs one unit, not more.
+    """
+    attempts = [r.attempts for r in results]
+    assert sorted(attempts) == [1] * (len(units) - 1) + [2], attempts
+    assert attempts.index(2) >= faulted
+    assert all(r.status == "done" for r in results) and len(results) == len(units)
+
+
 @pytest.mark.slow
 def test_sigkilled_refinement_actor_costs_only_its_unit(tmp_path, monkeypatch, synth_root):
     """The SIGKILL variant of tests/test_refine.py::test_killed_actor_costs_only_its_unit."""
     import ray
     from test_refine import CRF, _table
 
-    from orchestrator import refine_actors
     from orchestrator.refine import make_units, refine_reference, refine_units, summarise
 
     for copy in ("clean", "killed"):
         _fake_trial(tmp_path / copy / "trial-a", synth_root)
     reference = refine_reference(make_units({"trial-a": tmp_path / "clean" / "trial-a"}, [CRF]))
 
-    feed = refine_actors._Dispatcher._feed
-    killed: dict[str, int] = {}
+    def sigkill(actor: dict) -> dict:
+        assert actor["Pid"] and actor["Pid"] != os.getpid()
+        os.kill(actor["Pid"], signal.SIGKILL)
+        return {"pid": actor["Pid"]}
 
-    def feed_then_sigkill(self):
-        feed(self)
-        if killed or not self.replies:  # wait until an actor has answered once: its process is up
-            return
-        slot, index = list(self.in_flight.values())[-1]  # the unit just handed to that actor
-        pid = ray._private.state.actors(slot.actor._actor_id.hex())["Pid"]
-        assert pid and pid != os.getpid()
-        os.kill(pid, signal.SIGKILL)
-        killed.update(index=index, pid=pid)
-
-    monkeypatch.setattr(refine_actors._Dispatcher, "_feed", feed_then_sigkill)
+    killed = fault_the_next_busy_actor(monkeypatch, sigkill)
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200_000_000, log_to_driver=False)
     try:
         units = make_units({"trial-a": tmp_path / "killed" / "trial-a"}, [CRF])  # 3 shards × (seed, CRF)
@@ -456,11 +483,5 @@ def test_sigkilled_refinement_actor_costs_only_its_unit(tmp_path, monkeypatch, s
     finally:
         ray.shutdown()
     assert killed, "no actor was killed"
-    # Exactly one unit ran twice. Usually the one just handed to the killed actor; on a loaded
-    # machine that unit can finish while the pid is being looked up, and then the next unit the
-    # dead actor is given is the one requeued. Either way the kill costs one unit, not more.
-    attempts = [r.attempts for r in results]
-    assert sorted(attempts) == [1] * (len(units) - 1) + [2], attempts
-    assert attempts.index(2) >= killed["index"]
-    assert all(r.status == "done" for r in results) and len(results) == len(units)
+    assert_one_unit_redone_once(results, units, killed["index"])
     assert _table(summarise(results)) == _table(summarise(reference))  # nothing counted twice

@@ -31,10 +31,10 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config_dict
 from fault_plugin import fault_env, held_marker, release
+from test_server_restart import _trial_runs, assert_same_histories
 
 from orchestrator.driver import run_sweep
 from orchestrator.space import load_space
-from orchestrator.tracking import TRIAL_TAG, SweepTracking
 
 pytestmark = pytest.mark.slow
 
@@ -121,20 +121,6 @@ def _sweep(cluster, space: Path, storage: Path, uri: str):
                      address=cluster.address, storage_is_shared=True)  # fmt: skip
 
 
-def _trial_runs(uri: str, sweep: str) -> dict[str, dict]:
-    """Trial id → its child runs' status, node tag, failure tag and metric histories."""
-    tracking = SweepTracking.find(uri, sweep)
-    client = tracking.client
-    runs: dict[str, list] = {}
-    for run in tracking.child_runs():
-        runs.setdefault(run.data.tags[TRIAL_TAG], []).append({
-            "status": run.info.status, "tags": run.data.tags,
-            "history": {k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)]
-                        for k in run.data.metrics},
-        })  # fmt: skip
-    return runs
-
-
 def test_a_trial_whose_node_is_lost_resumes_on_the_survivor_with_the_same_metrics(cluster, tmp_path, synth_root):
     import threading
 
@@ -151,17 +137,13 @@ def test_a_trial_whose_node_is_lost_resumes_on_the_survivor_with_the_same_metric
 
     assert lost, "the held trial's node was never removed"
     assert outcome.complete and sorted(outcome.status.finished) == ["000-calm", "001-lost"]
-    runs = _trial_runs(uri, "lost")
-    assert {t: len(r) for t, r in runs.items()} == {"000-calm": 1, "001-lost": 1}  # one run per trial
-    (calm,), (moved,) = runs["000-calm"], runs["001-lost"]
+    runs = _trial_runs(uri)  # asserts one run per trial
+    assert sorted(runs) == ["000-calm", "001-lost"]
+    calm, moved = runs["000-calm"], runs["001-lost"]
     assert calm["status"] == moved["status"] == "FINISHED"
     assert moved["tags"]["ray.node_id"] in survivors and moved["tags"]["ray.node_id"] != lost["node_id"]
     # Resumed from the epoch-1 checkpoint (not retrained from scratch), and the same training:
-    assert moved["history"].keys() == calm["history"].keys()
-    for key, points in calm["history"].items():
-        assert [s for s, _ in moved["history"][key]] == [s for s, _ in points], key  # one point per epoch
-        if not key.endswith("_s") and "per_s" not in key:  # wall times differ; the training does not
-            assert [v for _, v in moved["history"][key]] == pytest.approx([v for _, v in points]), key
+    assert_same_histories(moved, calm)  # one point per epoch, the same values
     metrics = {t: json.loads((shared / "lost" / "trials" / t / "metrics.json").read_text()) for t in runs}
     numbers = {t: {k: v for k, v in m.items() if isinstance(v, float) and not k.endswith("_s")}
                for t, m in metrics.items()}  # fmt: skip
@@ -170,28 +152,21 @@ def test_a_trial_whose_node_is_lost_resumes_on_the_survivor_with_the_same_metric
 
 def test_refinement_units_of_a_lost_node_are_redone_once(cluster, tmp_path, monkeypatch, synth_root):
     import ray
-    from test_faults import _fake_trial
+    from test_faults import _fake_trial, assert_one_unit_redone_once, fault_the_next_busy_actor
     from test_refine import CRF, _table
 
-    from orchestrator import refine_actors
     from orchestrator.refine import make_units, refine_reference, refine_units, summarise
 
     for copy in ("clean", "lost"):
         _fake_trial(tmp_path / copy / "trial-a", synth_root)
     reference = refine_reference(make_units({"trial-a": tmp_path / "clean" / "trial-a"}, [CRF]))
-    feed, lost = refine_actors._Dispatcher._feed, {}
 
-    def feed_then_lose_a_node(self):
-        feed(self)
-        if lost or not self.replies:  # once an actor has answered: both actors are up
-            return
-        slot, index = list(self.in_flight.values())[-1]  # the unit just handed to that actor
-        node_id = ray._private.state.actors(slot.actor._actor_id.hex())["Address"]["NodeID"]
-        (node,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
+    def lose_its_node(actor: dict) -> dict:
+        (node,) = [n for n in cluster.worker_nodes if n.node_id == actor["Address"]["NodeID"]]
         cluster.remove_node(node, allow_graceful=False)
-        lost.update(index=index, node_id=node_id)
+        return {"node_id": node.node_id}
 
-    monkeypatch.setattr(refine_actors._Dispatcher, "_feed", feed_then_lose_a_node)
+    lost = fault_the_next_busy_actor(monkeypatch, lose_its_node)
     with workers(cluster, {"num_cpus": 1}, {"num_cpus": 1}):
         ray.init(address=cluster.address, log_to_driver=False)
         try:
@@ -200,11 +175,7 @@ def test_refinement_units_of_a_lost_node_are_redone_once(cluster, tmp_path, monk
         finally:
             ray.shutdown()
     assert lost, "no node was lost"
-    attempts = [r.attempts for r in results]
-    # One unit redone, once (see test_faults' SIGKILL variant for why it may be a later one).
-    assert sorted(attempts) == [1] * (len(units) - 1) + [2], attempts
-    assert attempts.index(2) >= lost["index"]
-    assert all(r.status == "done" for r in results)
+    assert_one_unit_redone_once(results, units, lost["index"])
     assert lost["node_id"] not in {r.node for r in results if r.attempts == 2}  # redone on the survivor
     assert _table(summarise(results)) == _table(summarise(reference))  # nothing counted twice
 
@@ -230,6 +201,6 @@ def test_losing_the_only_node_that_holds_a_trial_waits_then_stops(cluster, tmp_p
            "largest of the 2 live node(s) has cpu=2, gpu=0)" in err  # fmt: skip
     assert "no live node could hold a trial for 8 s (resources.wait_for_node_s): stopping the sweep" in err
     assert seconds < 240  # it stopped; it did not wait for the trial forever
-    (run,) = _trial_runs(uri, "gpu")["000-only"]
+    run = _trial_runs(uri)["000-only"]
     assert run["status"] == "KILLED"  # closed the Ctrl-C way, to resume with the same command
     assert any(shared.rglob("state.pt"))  # the epoch-1 checkpoint is kept, to resume from

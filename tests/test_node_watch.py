@@ -31,7 +31,8 @@ class Script:
 def _watch(script: Script, wait_s: float) -> tuple[NodeWatch, io.StringIO, threading.Event]:
     stream, stopped = io.StringIO(), threading.Event()
     want = Resources(cpu=1.0, gpu=1.0, wait_for_node_s=wait_s)
-    watch = NodeWatch(want, sweep="s", nodes=script, poll_s=0.02, stream=stream, stop=stopped.set)
+    watch = NodeWatch(want, sweep="s", nodes=script, poll_s=0.02, say=lambda line: stream.write(line + "\n"),
+                      stop=stopped.set)  # fmt: skip
     return watch, stream, stopped
 
 
@@ -82,7 +83,7 @@ def test_ray_failing_to_answer_is_not_taken_for_a_lost_node():
 
     stream, stopped = io.StringIO(), threading.Event()
     want = Resources(cpu=1.0, wait_for_node_s=0.0)
-    with NodeWatch(want, sweep="s", nodes=broken, poll_s=0.02, stream=stream, stop=stopped.set):
+    with NodeWatch(want, sweep="s", nodes=broken, poll_s=0.02, say=stream.write, stop=stopped.set):
         time.sleep(0.2)
     assert stream.getvalue() == "" and not stopped.is_set()
 

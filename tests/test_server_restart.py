@@ -86,6 +86,15 @@ def _trial_runs(uri: str) -> dict[str, dict]:
     return out
 
 
+def assert_same_histories(run: dict, undisturbed: dict) -> None:
+    """``run`` (from `_trial_runs`) logged what ``undisturbed`` did: every metric, the same steps and values."""
+    assert run["history"].keys() == undisturbed["history"].keys()
+    for key, points in undisturbed["history"].items():
+        assert [s for s, _ in run["history"][key]] == [s for s, _ in points], key  # one point per step, no duplicate
+        if not key.endswith("_s") and "per_s" not in key:  # wall times differ; the training does not
+            assert [v for _, v in run["history"][key]] == pytest.approx([v for _, v in points]), key
+
+
 def _artifacts(client, run_id: str, path: str | None = None) -> list[str]:
     found = []
     for item in client.list_artifacts(run_id, path):
@@ -109,11 +118,7 @@ def test_the_disturbed_run_equals_the_undisturbed_one(restarted):
     label = {k for k, v in calm["params"].items() if v != cut["params"].get(k)}
     assert label == {"name"}, label  # the grid's label, nothing else
     assert calm["params"].keys() == cut["params"].keys()
-    assert calm["history"].keys() == cut["history"].keys()
-    for key, points in calm["history"].items():
-        assert [s for s, _ in cut["history"][key]] == [s for s, _ in points], key  # one point per step, no duplicate
-        if not key.endswith("_s") and "per_s" not in key:  # wall times differ; the training does not
-            assert [v for _, v in cut["history"][key]] == pytest.approx([v for _, v in points]), key
+    assert_same_histories(cut, calm)
     assert cut["artifacts"] == calm["artifacts"] and cut["artifacts"]
     assert int(cut["tags"][REPLAYED_TAG]) >= restarted["journal_lines"]  # and what the trial logged after epoch 2
     assert REPLAYED_TAG not in calm["tags"]
