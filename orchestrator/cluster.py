@@ -158,16 +158,14 @@ class NodeWatch:
         sweep: the sweep's name, for messages.
         nodes: returns the live nodes (`RaySession.nodes`).
         poll_s: seconds between two looks at the nodes.
-        say: prints one message line (the sweep's console, so it lands below its live table;
-            default: a line on ``stream``).
-        stream: where the messages go without ``say`` (default stderr).
+        say: prints one message line (the driver passes the sweep's console's, so it lands
+            below its live table; default: a line on stderr).
         stop: stops the sweep (default: Ctrl-C in the main thread, so Tune's own handler saves its state).
     """
 
-    def __init__(self, want: Resources, *, sweep: str, nodes, poll_s: float = 2.0, say=None, stream=None,
-                 stop=None) -> None:  # fmt: skip
+    def __init__(self, want: Resources, *, sweep: str, nodes, poll_s: float = 2.0, say=None, stop=None) -> None:
         self.want, self.sweep, self.nodes, self.poll_s = want, sweep, nodes, poll_s
-        self.say, self.stream = say, stream
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         self.stop = stop or (lambda: _thread.interrupt_main(signal.SIGINT))
         self.gave_up: str | None = None  # why the sweep was stopped, once it was
         self._done = threading.Event()
@@ -182,11 +180,7 @@ class NodeWatch:
         self._thread.join(timeout=self.poll_s + 5)
 
     def _say(self, text: str) -> None:
-        line = f"sweep {self.sweep}: {text}"
-        if self.say is not None:
-            self.say(line)
-        else:
-            print(line, file=self.stream or sys.stderr, flush=True)
+        self.say(f"sweep {self.sweep}: {text}")
 
     def _watch(self) -> None:
         since = None  # when the cluster last stopped fitting a trial
